@@ -156,4 +156,9 @@ d = { 'settings': { 'branch': 'main',
                               'tpad.toyshop.make_items': ('toyshop.html#make_items', 'tpad/toyshop.py'),
                               'tpad.toyshop.make_sessions': ('toyshop.html#make_sessions', 'tpad/toyshop.py'),
                               'tpad.toyshop.toyshop_path': ('toyshop.html#toyshop_path', 'tpad/toyshop.py'),
-                              'tpad.toyshop.transition_matrix': ('toyshop.html#transition_matrix', 'tpad/toyshop.py')}}}
+                              'tpad.toyshop.transition_matrix': ('toyshop.html#transition_matrix', 'tpad/toyshop.py')},
+            'tpad.viz_data': { 'tpad.viz_data.category_transitions': ('viz_data.html#category_transitions', 'tpad/viz_data.py'),
+                               'tpad.viz_data.item_grid': ('viz_data.html#item_grid', 'tpad/viz_data.py'),
+                               'tpad.viz_data.session_length_plot': ('viz_data.html#session_length_plot', 'tpad/viz_data.py'),
+                               'tpad.viz_data.session_lengths': ('viz_data.html#session_lengths', 'tpad/viz_data.py'),
+                               'tpad.viz_data.transition_heatmap': ('viz_data.html#transition_heatmap', 'tpad/viz_data.py')}}}
