@@ -29,7 +29,7 @@ from .train import TrainConfig, TrainResult, train
 # %% auto #0
 __all__ = ['Stage1Config', 'tiny_stage1_config', 'knowledge_target', 'KnowledgeData', 'holdout_split', 'knowledge_loss',
            'train_knowledge', 'describe', 'adapter_hash', 'feature_key', 'save_features', 'load_features',
-           'knowledge_features', 'category_separation', 'Stage1Result', 'stage1']
+           'cached_item_features', 'knowledge_features', 'category_separation', 'Stage1Result', 'stage1']
 
 # %% ../nbs/03_stage1_knowledge.ipynb #1c07d45f
 @dataclass
@@ -128,7 +128,7 @@ def describe(model, processor, items, config: Stage1Config, max_new_tokens: int 
     finally: model.train(was_training)
     return out
 
-# %% ../nbs/03_stage1_knowledge.ipynb #1ccd6b09
+# %% ../nbs/03_stage1_knowledge.ipynb #39d8b23c
 def _base(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
@@ -182,21 +182,27 @@ def load_features(path, key: dict) -> Tensor | None:
     return load_file(str(path))['features']
 
 
+def cached_item_features(model, processor, items: pd.DataFrame, config: MLLMConfig, adapter: str, cache_dir,
+                         name: str, batch_size: int = 32, report: Report | None = None, log=print, tag: str = 'stage1') -> Tensor:
+    "Features of every item with `adapter` active: from the cache at `cache_dir/name` when its key matches, else extracted and cached."
+    key = feature_key(model, config, adapter, items)
+    path = Path(cache_dir) / f'{name}.safetensors'
+    cached = load_features(path, key)
+    if cached is not None:
+        log(f'[{tag}] {name}: cache hit {path} ({tuple(cached.shape)})')
+        return cached
+    t0 = time.perf_counter()
+    feats = item_features(model, processor, items, config, batch_size=batch_size, adapter=adapter, report=report)
+    save_features(path, feats, key, items['item_id'])
+    log(f'[{tag}] {name}: extracted {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s -> {path}')
+    return feats
+
+
 def knowledge_features(model, processor, items: pd.DataFrame, config: Stage1Config, name: str = 'h_K',
                        report: Report | None = None, log=print) -> Tensor:
     "h^K for every item: from the cache when its key matches, else extracted with the `knowledge` adapter and cached."
-    key = feature_key(model, config.mllm, 'knowledge', items)
-    path = Path(config.cache_dir) / f'{name}.safetensors'
-    cached = load_features(path, key)
-    if cached is not None:
-        log(f'[stage1] {name}: cache hit {path} ({tuple(cached.shape)})')
-        return cached
-    t0 = time.perf_counter()
-    feats = item_features(model, processor, items, config.mllm, batch_size=config.extract_batch_size,
-                          adapter='knowledge', report=report)
-    save_features(path, feats, key, items['item_id'])
-    log(f'[stage1] {name}: extracted {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s -> {path}')
-    return feats
+    return cached_item_features(model, processor, items, config.mllm, 'knowledge', config.cache_dir, name,
+                                config.extract_batch_size, report, log, tag='stage1')
 
 # %% ../nbs/03_stage1_knowledge.ipynb #faf04132
 def category_separation(features: Tensor, categories) -> dict:
