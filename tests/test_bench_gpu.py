@@ -55,3 +55,15 @@ def test_memory_rows_on_cpu(tmp_path):
     assert [(r['batch'], r['checkpointing']) for r in rows] == [(4, False), (4, True)]
     assert all('error' not in r and r['peak_gb'] > 0 and r['seq'] > 64 for r in rows), rows
     assert '| tiny | 4 | on |' in out
+
+
+def test_gpu_stage2_tiny_on_cpu(tmp_path):
+    out = run(BENCH / 'gpu_stage2.py', '--shapes', 'tiny', '--device', 'cpu', '--batches', '2', '--steps', '1',
+              '--warmup', '1', '--items', '40', '--out', tmp_path)
+    r = json.loads((tmp_path / 'gpu_stage2-tiny-cpu.json').read_text())
+    rows = {(x['loop'], x['variant']): x for x in r['rows']}
+    assert set(rows) == {(l, v) for l in ('plain', 'kit') for v in ('gen', 'full')}
+    assert all(x['sessions_per_s'] > 0 and len(x['losses']) == 3 for x in rows.values()), rows
+    assert r['loops']['kit']['trainable'] == r['loops']['plain']['trainable']  # the same LoRA on both sides
+    assert r['loops']['kit']['session_tokens']['mean'] > 5 * 64  # five images of 64 tokens each, plus titles
+    assert '| tiny | 2 | full |' in out
