@@ -26,11 +26,11 @@ from .stage2 import _feature_dim
 from .train import TrainConfig, TrainResult, history_frame, train
 
 # %% auto #0
-__all__ = ['ESTIMATORS', 'SCHEDULES', 'ABLATIONS', 'TERMS', 'AlignConfig', 'ablation', 'tiny_align_config', 'head', 'AlignModel',
-           'AlignData', 'AlignLoss', 'heads_output', 'alignment_metrics', 'align', 'unified_features', 'AlignResult',
-           'stage2b']
+__all__ = ['ESTIMATORS', 'SCHEDULES', 'ABLATIONS', 'TERMS', 'AlignConfig', 'ablation', 'tiny_align_config', 'head', 'channel',
+           'AlignModel', 'AlignData', 'AlignLoss', 'fit_q', 'heads_output', 'alignment_metrics', 'align',
+           'unified_features', 'AlignResult', 'stage2b']
 
-# %% ../nbs/06_alignment.ipynb #5f08e0c8
+# %% ../nbs/06_alignment.ipynb #83a163af
 ESTIMATORS = ('infonce', 'nwj', 'mine')
 SCHEDULES = ('sequential', 'joint')
 
@@ -46,12 +46,16 @@ class AlignConfig:
     heads: str = field(default='two', metadata={'help': "'two' (z^sh and z^sp, disentangled) or 'one' (z^sh only: the w/o disentanglement ablation)"})
     alpha: float = field(default=1.0, metadata={'help': 'weight of L_gen^K, the Stage 1 generation task (0 = w/o generation)'})
     beta: float = field(default=1.0, metadata={'help': 'weight of -I(z^sh; sg(t)), the MI alignment (0 = w/o MI alignment)'})
-    gamma: float = field(default=0.1, metadata={'help': 'weight of the CLUB bound on I(z^sh; z^sp) (0 = no separation)'})
+    gamma: float = field(default=0.03, metadata={'help': 'weight of the CLUB bound on I(z^sh; z^sp) (0 = no separation)'})
     delta: float = field(default=1.0, metadata={'help': 'weight of MMD^2(z^sh, t), the distribution match'})
     estimator: str = field(default='infonce', metadata={'help': "lower bound on I(z^sh; t): 'infonce' (cosine / temperature), 'nwj' or 'mine' (learnt critics)"})
     temperature: float = field(default=0.1, metadata={'help': 'InfoNCE critic: cosine similarity / temperature'})
     club_hidden: int = field(default=64, metadata={'help': 'hidden width of the CLUB network q(z^sp | z^sh)'})
     club_sampled: bool = field(default=False, metadata={'help': 'vCLUB: one sampled negative per row instead of all'})
+    club_steps: int = field(default=10, metadata={'help': "Adam steps fitting q(z^sp | z^sh) on each batch before its bound is taken"})
+    club_lr: float = field(default=3e-3, metadata={'help': "learning rate of q's fitting steps"})
+    noise: float = field(default=1.0, metadata={'help': 'std of the Gaussian noise on the standardised codes that CLUB and the reconstruction read (> 0 keeps I(z^sh; z^sp) finite)'})
+    rec: float = field(default=1.0, metadata={'help': "weight of reconstructing sg(h^K) from the noisy codes (z^sp's job; 0 = off)"})
     schedule: str = field(default='sequential', metadata={'help': "'sequential' (transfer adapter frozen, h^T from the cache) or 'joint' (h^T recomputed and the transfer adapter trained too)"})
     target_field: str = field(default='text', metadata={'help': "L_gen^K: item column generated as knowledge (as in Stage 1)"})
     target_sentences: int = field(default=0, metadata={'help': 'L_gen^K: keep the first N sentences of the target (0 = all)'})
@@ -67,11 +71,13 @@ class AlignConfig:
         if self.dim < 1: bad.append(f'dim must be >= 1, not {self.dim}')
         if self.head_hidden < 0: bad.append(f'head_hidden must be >= 0, not {self.head_hidden}')
         if self.heads not in ('one', 'two'): bad.append(f"heads must be 'one' or 'two', not {self.heads!r}")
-        for name in ('alpha', 'beta', 'gamma', 'delta'):
+        for name in ('alpha', 'beta', 'gamma', 'delta', 'noise', 'rec'):
             if not getattr(self, name) >= 0: bad.append(f'{name} must be >= 0, not {getattr(self, name)}')
         if self.estimator not in ESTIMATORS: bad.append(f'estimator must be one of {ESTIMATORS}, not {self.estimator!r}')
         if not self.temperature > 0: bad.append(f'temperature must be > 0, not {self.temperature}')
         if self.schedule not in SCHEDULES: bad.append(f'schedule must be one of {SCHEDULES}, not {self.schedule!r}')
+        if self.club_steps < 1: bad.append(f'club_steps must be >= 1, not {self.club_steps}')
+        if not self.club_lr > 0: bad.append(f'club_lr must be > 0, not {self.club_lr}')
         if self.metric_cap < 16: bad.append(f'metric_cap must be >= 16, not {self.metric_cap}')
         if bad: raise ValueError('bad alignment config: ' + '; '.join(bad))
 
@@ -101,11 +107,19 @@ def tiny_align_config(out_dir='runs/align', cache_dir='runs/cache', epochs: int 
         dim=64, head_hidden=256, target_field=s1.target_field, target_sentences=s1.target_sentences,
         answer_field=s1.answer_field, max_target_tokens=s1.max_target_tokens, cache_dir=str(cache_dir))
 
-# %% ../nbs/06_alignment.ipynb #18fdf153
+# %% ../nbs/06_alignment.ipynb #e47dadb0
 def head(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
     "LayerNorm, a 2-layer MLP (or one linear layer when `hidden` is 0), and a LayerNorm without weights on the output."
     body = [nn.Linear(in_dim, out_dim)] if hidden == 0 else [nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim)]
     return nn.Sequential(nn.LayerNorm(in_dim), *body, nn.LayerNorm(out_dim, elementwise_affine=False))
+
+
+def channel(z: Tensor, noise: float, generator: torch.Generator | None = None) -> Tensor:
+    "`z` standardised per dimension over its rows, plus Gaussian noise of std `noise`: the codes CLUB and the decoder read."
+    z = (z - z.mean(0)) / (z.std(0, unbiased=False) + 1e-6)
+    if not noise: return z
+    eps = torch.randn_like(z) if generator is None else torch.randn(z.shape, generator=generator).to(z)
+    return z + noise * eps
 
 
 def _estimator(config: AlignConfig) -> nn.Module:
@@ -114,7 +128,7 @@ def _estimator(config: AlignConfig) -> nn.Module:
 
 
 class AlignModel(nn.Module):
-    "The student MLLM, the heads f_sh, f_sp, g, the MI estimators and the teacher's h^T (a buffer), as one module."
+    "The student MLLM, the heads f_sh, f_sp, g, the MI estimators, the decoder and the teacher's h^T (a buffer), as one module."
     def __init__(self, mllm: nn.Module, h_T: Tensor, config: AlignConfig):
         super().__init__()
         self.mllm, self.config = mllm, config
@@ -125,6 +139,9 @@ class AlignModel(nn.Module):
         self.g = head(d_T, config.head_hidden, config.dim)
         self.estimator = _estimator(config)
         self.club = CLUB(config.dim, config.dim, hidden=config.club_hidden, sampled=config.club_sampled) if self.f_sp else None
+        width = config.dim * (2 if self.f_sp is not None else 1)
+        self.decoder = (None if not config.rec else nn.Linear(width, d_K) if not config.head_hidden else
+                        nn.Sequential(nn.Linear(width, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, d_K)))
         self.register_buffer('h_T', h_T.detach().float().clone(), persistent=False)
 
     def split(self, h_K: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -145,9 +162,9 @@ class AlignModel(nn.Module):
         "Checkpoint the MLLM's activations (the heads are small)."
         enable_gradient_checkpointing(self.mllm)
 
-# %% ../nbs/06_alignment.ipynb #d4f1da8f
+# %% ../nbs/06_alignment.ipynb #aea387d7
 TERMS = {'gen': 'L_gen^K', 'mi': 'I(z^sh; t) estimate', 'club': 'CLUB(z^sh, z^sp)', 'club_fit': "CLUB q's fit",
-         'mmd': 'MMD(z^sh, t)'}
+         'mmd': 'MMD(z^sh, t)', 'rec': 'reconstruction of h^K'}
 
 
 class AlignData(torch.utils.data.Dataset):
@@ -167,7 +184,7 @@ class AlignData(torch.utils.data.Dataset):
 
 
 class AlignLoss:
-    "L_2 = alpha L_gen^K - beta I(z^sh; sg(t)) + gamma CLUB(z^sh, z^sp) + delta MMD(z^sh, t), plus CLUB's own fit."
+    "L_2 = alpha L_gen^K - beta I(z^sh; sg(t)) + gamma CLUB(z^sh, z^sp) + delta MMD(z^sh, t) + rec ||dec(codes) - sg(h^K)||^2."
     def __init__(self, config: AlignConfig):
         self.config, self.mmd = config, MMD()
 
@@ -184,19 +201,36 @@ class AlignLoss:
         terms = {} if gen is None else dict(gen=gen)
         terms['mi'] = model.estimator(z_sh, t.detach())
         align_loss = model.estimator.learning_loss(z_sh, t.detach()) if c.beta else None
+        codes = [channel(z, c.noise) for z in (z_sh, z_sp) if z is not None]
         if model.club is not None:
+            terms['club_fit'] = fit_q(model.club, codes[0].detach(), codes[1].detach(), c.club_steps, c.club_lr)
             frozen_q = {n: p.detach() for n, p in model.club.named_parameters()}
-            terms['club'] = torch.func.functional_call(model.club, frozen_q, (z_sh, z_sp))
-            terms['club_fit'] = model.club.learning_loss(z_sh.detach(), z_sp.detach())
+            terms['club'] = torch.func.functional_call(model.club, frozen_q, tuple(codes))
         terms['mmd'] = self.mmd(z_sh, t)
+        if model.decoder is not None:
+            target = nn.functional.layer_norm(h_K.detach().float(), h_K.shape[1:])
+            terms['rec'] = (model.decoder(torch.cat(codes, 1)) - target).pow(2).mean()
         for name, v in terms.items():
             if not torch.isfinite(v.detach()).all():
                 raise FloatingPointError(f"alignment loss term {name!r} ({TERMS[name]}) is {v.detach().float().item()}")
         loss = terms['mmd'] * c.delta
         if gen is not None: loss = loss + c.alpha * gen
         if align_loss is not None: loss = loss + c.beta * align_loss
-        if model.club is not None: loss = loss + c.gamma * terms['club'] + terms['club_fit']
+        if model.club is not None: loss = loss + c.gamma * terms['club']
+        if model.decoder is not None: loss = loss + c.rec * terms['rec']
         return dict(loss=loss, **{k: v.detach() for k, v in terms.items()})
+
+
+def fit_q(club: CLUB, x: Tensor, y: Tensor, steps: int, lr: float) -> Tensor:
+    "Fit CLUB's q(y|x) for `steps` Adam steps on one (detached) batch; its negative log-likelihood afterwards."
+    opt = torch.optim.Adam(club.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            club.learning_loss(x, y).backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad(): return club.learning_loss(x, y)
 
 
 def _hidden(mllm, batch: dict) -> Tensor:
@@ -204,7 +238,7 @@ def _hidden(mllm, batch: dict) -> Tensor:
     from tpad.mllm import _inputs, _last_hidden
     return _last_hidden(mllm, _inputs(mllm, batch))
 
-# %% ../nbs/06_alignment.ipynb #2a531a7b
+# %% ../nbs/06_alignment.ipynb #a4d988e8
 @torch.no_grad()
 def heads_output(aligner: AlignModel, h_K: Tensor, h_T: Tensor) -> dict:
     "z^sh, z^sp (None with one head) and t of every item, on the CPU."
@@ -219,7 +253,7 @@ def heads_output(aligner: AlignModel, h_K: Tensor, h_T: Tensor) -> dict:
 
 
 def alignment_metrics(z_sh: Tensor, t: Tensor, z_sp: Tensor | None = None, temperature: float = 0.1,
-                      cap: int = 2000, seed: int = 0, club_steps: int = 300) -> dict:
+                      cap: int = 2000, seed: int = 0, club_steps: int = 300, noise: float = 1.0) -> dict:
     "MMD^2(z^sh, t), the InfoNCE estimate of I(z^sh; t) and (with z^sp) the CLUB estimate of I(z^sh; z^sp), in nats."
     if len(z_sh) != len(t) or (z_sp is not None and len(z_sp) != len(z_sh)):
         raise ValueError(f'row counts differ: z_sh {len(z_sh)}, t {len(t)}' + ('' if z_sp is None else f', z_sp {len(z_sp)}'))
@@ -232,13 +266,14 @@ def alignment_metrics(z_sh: Tensor, t: Tensor, z_sp: Tensor | None = None, tempe
     with torch.no_grad():
         out['infonce'] = float(np.mean([float(nce(z_sh[order[s:s + b]], t[order[s:s + b]]))
                                         for s in range(0, len(keep) - b + 1, b)]))
-    if z_sp is not None:
-        z_sp = z_sp[keep].float()
+    if z_sp is not None:  # through the noisy channel: standardised codes, fresh noise for every batch
+        a, b = channel(z_sh, 0.0), channel(z_sp[keep].float(), 0.0)
+        noisy = lambda x: x + noise * torch.randn(x.shape, generator=g)
         torch.manual_seed(seed)
-        club = CLUB(z_sh.shape[1], z_sp.shape[1])
-        sample = lambda n: (lambda i: (z_sh[i], z_sp[i]))(torch.randint(len(z_sh), (n,), generator=g))
-        fit_estimator(club, sample, steps=club_steps, lr=3e-3, batch_size=min(256, len(z_sh)))
-        with torch.no_grad(): out['club'] = float(club(z_sh, z_sp))
+        club = CLUB(a.shape[1], b.shape[1])
+        sample = lambda n: (lambda i: (noisy(a[i]), noisy(b[i])))(torch.randint(len(a), (n,), generator=g))
+        fit_estimator(club, sample, steps=club_steps, lr=3e-3, batch_size=min(256, len(a)))
+        with torch.no_grad(): out['club'] = float(np.mean([float(club(noisy(a), noisy(b))) for _ in range(8)]))
     return out
 
 # %% ../nbs/06_alignment.ipynb #bb57978e
@@ -284,7 +319,7 @@ def unified_features(aligner: AlignModel, processor, items: pd.DataFrame, config
     log(f'[align] {name}: {tuple(e.shape)} -> {path}')
     return e, h_K
 
-# %% ../nbs/06_alignment.ipynb #353021b9
+# %% ../nbs/06_alignment.ipynb #ea02b7e8
 @dataclass
 class AlignResult:
     "What Stage 2b produces: the aligned model and heads, e^LLM for every item, the training record, before/after numbers."
@@ -305,11 +340,11 @@ def stage2b(model, processor, items: pd.DataFrame, h_K: Tensor, h_T: Tensor, con
     report = Report()
     aligner = AlignModel(model, h_T, config)
     before = alignment_metrics(**heads_output(aligner, h_K, h_T), temperature=config.temperature, cap=config.metric_cap,
-                               seed=config.seed)
+                               seed=config.seed, noise=config.noise)
     aligner, result = align(model, processor, items, h_T, config, aligner, report)
     log(f'[align] trained the knowledge adapter and heads: {result.step} steps in {result.seconds:.1f} s')
     e, h_K_aligned = unified_features(aligner, processor, items, config, report=report, log=log)
     after = alignment_metrics(**heads_output(aligner, h_K_aligned, h_T), temperature=config.temperature,
-                              cap=config.metric_cap, seed=config.seed)
+                              cap=config.metric_cap, seed=config.seed, noise=config.noise)
     log('[align] ' + '; '.join(f'{k} {before[k]:.3f} -> {after[k]:.3f}' for k in ('mmd', 'infonce', 'club') if k in after))
     return AlignResult(aligner, e, result, before, after, report)
