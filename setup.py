@@ -26,6 +26,7 @@ license_name, license_classifier = licenses[cfg['license']]
 min_python = cfg['min_python']
 requirements = shlex.split(cfg.get('requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
+plain_requirements = shlex.split(cfg.get('plain_requirements', ''))
 console_scripts = cfg.get('console_scripts', '').split()
 readme = Path(__file__).parent / 'README.md'
 
@@ -51,7 +52,7 @@ setuptools.setup(
     include_package_data=True,
     python_requires='>=' + min_python,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'plain': plain_requirements},
     entry_points={
         'console_scripts': console_scripts,
         'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
