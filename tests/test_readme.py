@@ -23,7 +23,7 @@ def test_quick_start_is_two_commands():
     assert len(cmds) == 2, cmds
     main, tests = cmds
     assert 'tpad run' in main and 'pip install' in main
-    assert 'nbdev_test' in tests and 'pytest' in tests and '.[dev]' in tests
+    assert 'nbdev_test' in tests and 'pytest' in tests and '.[dev' in tests
     for cmd in cmds:  # an unpinned torch would pull a multi-GB CUDA build on a CPU machine
         assert 'torch==' in cmd, cmd
 
