@@ -40,7 +40,8 @@ __all__ = ['ADAPTERS', 'LANGUAGE_ATTENTION', 'MLLMConfig', 'TinyMLLMConfig', 'co
            'Qwen2VLImageOnlyProcessor', 'build_tiny_mllm', 'cache_dir', 'tiny_mllm_path', 'MLLMLoadError',
            'load_processor', 'enable_gradient_checkpointing', 'load_mllm', 'parameter_counts', 'add_adapters',
            'active_adapter', 'use_adapter', 'image_placeholder', 'Prompt', 'item_prompt', 'session_prompt', 'encode',
-           'prompt_mask', 'pool', 'readout', 'generation_loss', 'prompt_lengths', 'merge_batches', 'item_features']
+           'prompt_mask', 'pool', 'readout', 'generation_loss', 'prompt_lengths', 'merge_batches', 'process_layout',
+           'every_process', 'wait_for_everyone', 'item_features']
 
 # %% ../nbs/02_mllm.ipynb #e1391c9f
 ADAPTERS = ('knowledge', 'transfer')  # the two "parallel MLLMs" of TPAD, as LoRA adapter names
@@ -293,7 +294,7 @@ def tiny_mllm_path(config: TinyMLLMConfig | None = None, texts=None, cache: str 
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-# %% ../nbs/02_mllm.ipynb #00617440
+# %% ../nbs/02_mllm.ipynb #ff9e7a44
 class MLLMLoadError(OSError):
     "An MLLM (or its processor) could not be loaded; the message says how to point the kit at a local copy."
 
@@ -337,9 +338,12 @@ def load_processor(source: str, **kwargs):
 
 
 def _device(name: str) -> torch.device:
-    if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    "The device `name` means; 'auto' and 'cuda' mean this process's own GPU (`LOCAL_RANK`) under `accelerate launch`."
+    if name == 'auto': name = 'cuda' if torch.cuda.is_available() else 'cpu'
     if name.startswith('cuda') and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} but torch sees no CUDA device; use device='cpu' or 'auto'")
+    if name == 'cuda' and 'LOCAL_RANK' in os.environ:  # one GPU per process: never all of them on cuda:0
+        return torch.device('cuda', int(os.environ['LOCAL_RANK']))
     return torch.device(name)
 
 
@@ -581,9 +585,14 @@ def encode(processor, prompts, targets=None, padding_side: str = 'right', max_ta
         batch['position_ids'] = (batch['attention_mask'].cumsum(-1) - 1).clamp(min=0)
     return batch
 
-# %% ../nbs/02_mllm.ipynb #342f59cf
+# %% ../nbs/02_mllm.ipynb #4962f845
 def _first_param(model) -> Tensor:
     return next(model.parameters())
+
+
+def _unwrap(model):
+    "The model inside a `DistributedDataParallel` wrapper (what `accelerate` hands the loss under several processes)."
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _inputs(model, batch: dict, non_blocking: bool = False) -> dict:
@@ -640,7 +649,7 @@ def generation_loss(model, batch: dict) -> tuple[Tensor, Tensor]:
     labels = batch['labels'].to(hidden.device)[:, 1:]  # position t predicts token t + 1
     scored = labels != -100
     if not bool(scored.any()): raise ValueError("generation_loss: no target token in the batch (all targets empty?)")
-    logits = model.get_output_embeddings()(hidden[:, :-1][scored]).float()
+    logits = _unwrap(model).get_output_embeddings()(hidden[:, :-1][scored]).float()
     return F.cross_entropy(logits, labels[scored]), hidden
 
 # %% ../nbs/02_mllm.ipynb #2a7ffe30
@@ -683,7 +692,58 @@ def merge_batches(batches: list, pad_id: int) -> dict:
         out[k] = torch.cat(parts)
     return out
 
-# %% ../nbs/02_mllm.ipynb #eb15b977
+# %% ../nbs/02_mllm.ipynb #b97a986a
+def _state():
+    "accelerate's process state: joins (or starts) the process group the launcher described (CPU: ACCELERATE_USE_CPU=1)."
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    return PartialState(cpu=parse_flag_from_env('ACCELERATE_USE_CPU'))
+
+
+def process_layout() -> tuple[int, int]:
+    "(this process's index, number of processes) under `accelerate launch` or torchrun; (0, 1) in a plain process."
+    launched = int(os.environ.get('WORLD_SIZE', '1')) > 1
+    if not launched and not (torch.distributed.is_available() and torch.distributed.is_initialized()): return 0, 1
+    state = _state()
+    return state.process_index, state.num_processes
+
+
+def _collective_device() -> torch.device: return _state().device
+
+
+def every_process(flag: bool) -> bool:
+    "Whether `flag` is true in every process (one all-reduce under several processes); call it in every process."
+    if process_layout()[1] == 1: return bool(flag)
+    t = torch.tensor([int(bool(flag))], device=_collective_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def wait_for_everyone():
+    "Wait until every process gets here (a barrier under several processes; nothing in one)."
+    if process_layout()[1] > 1: _state().wait_for_everyone()
+
+
+def _all_gather_rows(t: Tensor) -> list[Tensor]:
+    "Every process's `t` (same dtype and trailing shape, any number of rows), in process order, on the CPU."
+    world, dev = process_layout()[1], _collective_device()
+    n = torch.tensor([t.shape[0]], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    torch.distributed.all_gather(sizes, n)
+    sizes = [int(x) for x in sizes]
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=dev)
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    if max(sizes): torch.distributed.all_gather(parts, padded)
+    return [p[:k].cpu() for p, k in zip(parts, sizes)]
+
+
+def _all_gather_json(obj) -> list:
+    "Every process's JSON-able `obj`, in process order (sent as UTF-8 bytes, never pickled)."
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    return [json.loads(bytes(p.tolist()).decode()) for p in _all_gather_rows(data)]
+
+# %% ../nbs/02_mllm.ipynb #61435e69
 class _ItemChunks(torch.utils.data.Dataset):
     "Chunks of item prompts, encoded left-padded with floats in `dtype`, and their report tallies; runs in DataLoader workers."
     def __init__(self, rows: list, processor, config: MLLMConfig, chunks: list, dtype: torch.dtype):
@@ -713,11 +773,13 @@ def _env_default(**values):
         for k in new: os.environ.pop(k, None)
 
 
-def _chunked_batches(lengths: list | None, n: int, batch_size: int, parts: int) -> tuple[list, list]:
-    "Batches of item positions (longest prompts first when `lengths` is given), each cut into <= `parts` chunks."
+def _chunked_batches(lengths: list | None, n: int, batch_size: int, parts: int, rank: int = 0,
+                     world: int = 1) -> tuple[list, list]:
+    "Batches of item positions (longest prompts first when `lengths` is given), each cut into <= `parts` chunks; process `rank` of `world` gets every `world`-th batch."
     order = sorted(range(n), key=lambda i: -lengths[i]) if lengths is not None else list(range(n))  # stable
     chunks, per_batch = [], []
-    for s in range(0, n, batch_size):
+    for b, s in enumerate(range(0, n, batch_size)):
+        if b % world != rank: continue  # another process's shard
         batch = order[s:s + batch_size]
         step = math.ceil(len(batch) / min(parts, len(batch)))
         pieces = [batch[j:j + step] for j in range(0, len(batch), step)]
@@ -728,8 +790,8 @@ def _chunked_batches(lengths: list | None, n: int, batch_size: int, parts: int) 
 
 def item_features(model, processor, items, config: MLLMConfig | None = None, batch_size: int = 16,
                   adapter: str | None = None, report: Report | None = None, num_workers: int | None = None,
-                  sort_by_length: bool | None = None) -> Tensor:
-    "[n_items, d] float32 CPU features of `items` (rows in order) with `adapter` active (None: as is); length-bucketed batches, prompts built in DataLoader workers."
+                  sort_by_length: bool | None = None, shard: bool = True) -> Tensor:
+    "[n_items, d] float32 CPU features of `items` (rows in order) with `adapter` active (None: as is); length-bucketed batches, prompts built in DataLoader workers, sharded over the processes of `accelerate launch` (`shard=False`: all items here)."
     config = config or MLLMConfig()
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     workers = config.num_workers if num_workers is None else num_workers
@@ -739,8 +801,9 @@ def item_features(model, processor, items, config: MLLMConfig | None = None, bat
     if not rows: return torch.zeros(0, d)
     p = _first_param(model)
     cuda = p.device.type == 'cuda'
+    rank, world = process_layout() if shard else (0, 1)
     chunks, per_batch = _chunked_batches(prompt_lengths(rows, processor, config) if sort else None, len(rows),
-                                         batch_size, max(workers, 1))
+                                         batch_size, max(workers, 1), rank, world)
     loader = torch.utils.data.DataLoader(
         _ItemChunks(rows, processor, config, chunks, p.dtype), batch_size=None, num_workers=workers, pin_memory=cuda,
         multiprocessing_context='fork' if workers and os.name == 'posix' and sys.platform != 'darwin' else None)
@@ -767,8 +830,17 @@ def item_features(model, processor, items, config: MLLMConfig | None = None, bat
     finally:
         model.train(was_training)
         chunk_iter = None  # shuts the workers down
+    feats = torch.cat(feats) if feats else torch.zeros(0, d)
+    if world > 1:  # every process gets every shard: features, item positions and report tallies
+        mine = [list(map(list, tallies[i])) for i in index]
+        feats = torch.cat(_all_gather_rows(feats))
+        index = torch.cat(_all_gather_rows(torch.tensor(index, dtype=torch.long))).tolist()
+        tallies = dict(zip(index, [t for part in _all_gather_json(mine) for t in part]))
+        if sorted(index) != list(range(len(rows))):
+            raise RuntimeError(f"item_features: the {world} shards cover {len(set(index))} of {len(rows)} items "
+                               f"({len(index)} rows): did every process pass the same items and batch_size?")
     for i in range(len(rows)):
         for t in tallies[i]: _tally(report, *t)
     out = torch.empty(len(rows), d)
-    out[torch.tensor(index)] = torch.cat(feats)
+    out[torch.tensor(index)] = feats
     return out
