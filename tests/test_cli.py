@@ -42,6 +42,7 @@ def test_run_writes_outputs(tmp_path):
     summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
     assert summary['stats']['dataset'] == 'toyshop' and summary['splits']['test']['samples'] > 0
     assert summary['stages'] == {}  # ID-only rows: no MLLM stage ran
+    assert any(s.startswith('alignment-full.png') for s in summary['figures_skipped'])  # and says why no map
     md = (tmp_path / 'run' / 'results.md').read_text()
     assert '**Protocol.**' in md and '| Pop |' in md and '| SR-GNN |' in md
 
@@ -72,3 +73,8 @@ def test_run_every_row_end_to_end(tmp_path):
     if 'msbr_plain' in summary['skipped']: expected.remove('MSBR + plain pre-trained features')
     assert rows == expected, rows
     assert 'stage1' in summary['seconds'] and summary['seconds']['total'] > 0
+    figures = set(summary['figures'])  # the visualisation notebooks' figures, drawn by the run
+    assert {'data-items.png', 'data-session-lengths.png', 'data-transitions.png', 'alignment-full.png',
+            'alignment-full.json', 'cases.json'} <= figures, figures
+    assert all((tmp_path / 'all' / 'figures' / f).stat().st_size > 500 for f in figures)
+    assert 'mmd' in summary['alignment']['full']['discrepancy']['after: z^sh vs t']
