@@ -19,7 +19,7 @@ import pandas as pd
 # %% auto #0
 __all__ = ['ITEM_COLUMNS', 'INTERACTION_COLUMNS', 'LOADERS', 'FORMAT_MODULES', 'DataFormatError', 'Report', 'read_table',
            'to_number', 'to_seconds', 'SessionData', 'check_items', 'items_from_interactions', 'sessionize', 'loader',
-           'load', 'resolve_images', 'load_csv', 'load_diginetica', 'load_yoochoose', 'shared_data_dir']
+           'load', 'check_ids', 'resolve_images', 'load_csv', 'load_diginetica', 'load_yoochoose', 'shared_data_dir']
 
 # %% ../nbs/00_data.ipynb #2b9f82bf
 class DataFormatError(ValueError):
@@ -50,12 +50,20 @@ class Report:
     def __contains__(self, step: str) -> bool: return any(s['step'] == step for s in self.steps)
     def __repr__(self) -> str: return self.to_frame().to_string(index=False) if self.steps else 'Report()'
 
-# %% ../nbs/00_data.ipynb #e3b9bc60
+# %% ../nbs/00_data.ipynb #6caf926f
+_WIDE_BOMS = {b'\xff\xfe\x00\x00': 'UTF-32', b'\x00\x00\xfe\xff': 'UTF-32', b'\xff\xfe': 'UTF-16', b'\xfe\xff': 'UTF-16'}
+
+
 def _decode(raw: bytes, path, report: Report | None) -> str:
-    "Decode UTF-8, replacing bad bytes and counting the lines that had them."
+    "Decode UTF-8, replacing bad bytes and counting the lines that had them; UTF-16/32 files raise."
+    for bom, name in _WIDE_BOMS.items():
+        if raw.startswith(bom):
+            raise DataFormatError(f"{path}: the file is {name} (it starts with a {name} byte-order mark); "
+                                  f"save it as UTF-8")
     try: return raw.decode('utf-8')
     except UnicodeDecodeError: pass
     lines = raw.split(b'\n')
+    if lines[-1] == b'': lines = lines[:-1]  # the final newline ends a line, it does not start one
     bad = 0
     for line in lines:
         try: line.decode('utf-8')
@@ -229,7 +237,26 @@ def load(name: str, path=None, /, **options) -> SessionData:
         raise ValueError(f"load({name!r}) needs the path of the dataset's files")
     return LOADERS[name](path, **options) if path is not None else LOADERS[name](**options)
 
-# %% ../nbs/00_data.ipynb #0c94537b
+# %% ../nbs/00_data.ipynb #63131b66
+def check_ids(table: pd.DataFrame, columns, path, unique: str | None = None, first_line: int | None = 2) -> None:
+    "Raise naming file and line(s) if an id column has an empty value or the `unique` column repeats an id."
+    unit, offset = ('line', first_line) if first_line is not None else ('row', 1)
+    for col in columns:
+        empty = (table[col].astype(str).str.strip() == '').to_numpy()
+        if empty.any():
+            raise DataFormatError(f"{path}, {unit} {int(np.flatnonzero(empty)[0]) + offset}: column {col!r} is empty "
+                                  f"({int(empty.sum())} empty value(s) in the column)")
+    if unique is not None:
+        ids = table[unique].astype(str).reset_index(drop=True)
+        repeated = ids[ids.duplicated(keep=False)]
+        if len(repeated):
+            first = repeated.iloc[0]
+            rows = repeated.index[repeated == first][:2]
+            raise DataFormatError(f"{path}, {unit}s {rows[0] + offset} and {rows[1] + offset}: "
+                                  f"{unique} {first!r} appears more than once ({repeated.nunique()} repeated id(s), "
+                                  f"e.g. {repeated.drop_duplicates().head(5).tolist()})")
+
+
 def resolve_images(items: pd.DataFrame, root: Path, report: Report | None = None) -> pd.DataFrame:
     "Make relative image paths absolute under `root` and report how many do not exist."
     items = items.copy()
@@ -251,19 +278,29 @@ def load_csv(path, items_file: str = 'items.csv', interactions_file: str = 'inte
     path = Path(path)
     rep = Report()
     items = read_table(path / items_file, required=['item_id'], report=rep)
+    check_ids(items, ['item_id'], path / items_file, unique='item_id')
     if 'image' not in items.columns: items['image'] = None
     items = resolve_images(items, path, rep)
     inter = read_table(path / interactions_file, required=INTERACTION_COLUMNS, report=rep)
+    check_ids(inter, ['session_id', 'item_id'], path / interactions_file)
     inter['timestamp'] = to_seconds(inter['timestamp'], path / interactions_file, 'timestamp')
     inter = check_items(inter, items, path / interactions_file, on_unknown, rep)
     return SessionData(items, inter, name=name or path.name, report=rep)
 
-# %% ../nbs/00_data.ipynb #8addc353
+# %% ../nbs/00_data.ipynb #52bce985
 def _find(path: Path, patterns) -> Path | None:
     for p in patterns:
         hits = sorted(path.glob(p))
         if hits: return hits[0]
     return None
+
+
+def _first_per_id(table: pd.DataFrame, column: str, path: Path, report: Report) -> pd.DataFrame:
+    "The first row of every id, the repeats counted in `report`."
+    dup = table[column].duplicated()
+    report.add(f'drop repeated ids in {path.name}', len(table), int((~dup).sum()),
+               note=f'{int(dup.sum())} row(s) repeat an id already read; the first is kept' if dup.any() else '')
+    return table[~dup]
 
 
 @loader('diginetica')
@@ -283,9 +320,9 @@ def load_diginetica(path, on_unknown: str = 'error', name: str = 'diginetica') -
         prod = read_table(products, sep=';', required=['itemId', 'product.name.tokens'], report=rep)
         prod = prod.rename(columns={'itemId': 'item_id', 'product.name.tokens': 'title', 'pricelog2': 'price_log2'})
         prod['title'] = prod['title'].str.replace(',', ' ', regex=False)
-        items = prod.drop_duplicates('item_id')
+        items = _first_per_id(prod, 'item_id', products, rep)
     if cats.exists():
-        cat = read_table(cats, sep=';', required=['itemId', 'categoryId'], report=rep).drop_duplicates('itemId')
+        cat = _first_per_id(read_table(cats, sep=';', required=['itemId', 'categoryId'], report=rep), 'itemId', cats, rep)
         items = items.drop(columns='category', errors='ignore').merge(
             cat.rename(columns={'itemId': 'item_id', 'categoryId': 'category'}), on='item_id', how='left')
     views = check_items(views, items, views_file, on_unknown, rep)

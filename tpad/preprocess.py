@@ -216,7 +216,7 @@ def _filter(sess, item, keep, cfg: PreprocessConfig, rep: Report) -> np.ndarray:
         step(f'round {rnd}', 'sessions')
         if step(f'round {rnd}', 'items') == 0: return keep  # nothing rare left: lengths are unchanged too
 
-# %% ../nbs/00b_preprocess.ipynb #9af0d45e
+# %% ../nbs/00b_preprocess.ipynb #9406b8e8
 def preprocess(data: SessionData, config: PreprocessConfig | str | None = None, **overrides) -> Prepared:
     "Filter, time-split, remap and cut `data` into prefix samples per `config` (a config, a preset name, or None)."
     cfg = preprocess_config(config, **overrides)
@@ -250,7 +250,12 @@ def preprocess(data: SessionData, config: PreprocessConfig | str | None = None, 
     # 3. frequency filters
     keep = _filter(sess, item, np.ones(len(inter), dtype=bool), cfg, rep)
     rows = order[keep[order]]  # surviving clicks, grouped by session, time-ordered
-    if not len(rows): raise ValueError(f"{data.name}: no clicks survive the filters {cfg}")
+    if not len(rows):
+        steps = [s for s in rep.steps if ': drop ' in s['step'] and s['step'].endswith('[clicks]') and s['removed']]
+        raise DataFormatError(f"{data.name}: no clicks survive the filters (min_session_length="
+                              f"{cfg.min_session_length}, min_item_support={cfg.min_item_support}): " +
+                              '; '.join(f"{s['step'][:-len(' [clicks]')]} removed {s['removed']} of {s['n_in']} clicks"
+                                        for s in steps))
 
     # 4. time split on the session time (first or last click of the kept clicks)
     s_r, t_r = sess[rows], ts[rows]
@@ -415,16 +420,34 @@ def prefix_loader(samples: Samples, batch_size: int = 100, shuffle: bool = False
                                        collate_fn=partial(collate_prefixes, padding=padding),
                                        generator=torch.Generator().manual_seed(seed), **kwargs)
 
-# %% ../nbs/00b_preprocess.ipynb #276feef4
+# %% ../nbs/00b_preprocess.ipynb #b3fce60f
 PLACEHOLDER_RGB = (128, 128, 128)
 
 
+def _grey8(im: Image.Image) -> Image.Image:
+    "16/32-bit greyscale (modes I;16*, I) as 8-bit 'L', scaled: a plain convert clips every value above 255 to white."
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith('I;16') or a.max(initial=0) > 255: a = a / 257.0
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), 'L')
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith('I'): im = _grey8(im)
     if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
         im = im.convert('RGBA')
         white = Image.new('RGBA', im.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, im).convert('RGB')
     return im.convert('RGB') if im.mode != 'RGB' else im
+
+
+def _shrink(im: Image.Image, size: int) -> Image.Image:
+    "A huge picture reduced by an integer factor (box average) so that both sides stay >= 2 * `size`."
+    k = min(im.size) // (2 * size)
+    if k < 2: return im
+    if im.mode in ('1', 'P', 'PA'):  # averaging palette indices would mix unrelated colours: convert first
+        im = im.convert('RGBA' if im.mode == 'PA' or 'transparency' in im.info else 'RGB')
+    elif im.mode.startswith('I'): im = _grey8(im)  # Image.reduce has no I;16; scale once, the same way as small ones
+    return im.reduce(k)
 
 
 def load_image(path, size: int = 224, fit: str = 'pad') -> tuple[Image.Image, str, str]:
@@ -436,7 +459,8 @@ def load_image(path, size: int = 224, fit: str = 'pad') -> tuple[Image.Image, st
     try:
         with Image.open(path) as im:
             im.draft('RGB', (size, size))  # JPEG: decode at a reduced scale, still >= size
-            im = _to_rgb(ImageOps.exif_transpose(im))
+            ImageOps.exif_transpose(im, in_place=True)  # no full-size copy when there is nothing to rotate
+            im = _to_rgb(_shrink(im, size))
             if fit == 'pad': im = ImageOps.pad(im, (size, size), color=(255, 255, 255))
             elif fit == 'crop': im = ImageOps.fit(im, (size, size))
             else: im = im.resize((size, size), Image.Resampling.BICUBIC)
