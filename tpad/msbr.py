@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .metrics import StreamingEvaluator
+from .metrics import StreamingEvaluator, streaming_target_ranks
 from .preprocess import Prepared, Samples, collate_prefixes, prefix_loader
 
 # %% auto #0
@@ -322,15 +322,24 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def score_samples(model: Callable, samples: Samples, ks=(5, 10, 20), batch_size: int = 500, n_items: int | None = None) -> dict:
+def score_samples(model: Callable, samples: Samples, ks=(5, 10, 20), batch_size: int = 500, n_items: int | None = None,
+                  item_chunk: int = 0) -> dict:
     "HR/MRR/NDCG@K of `model` on `samples`, streamed batch by batch (no gradients, eval mode restored after)."
     ev = StreamingEvaluator(ks)
     training = model.training if isinstance(model, nn.Module) else None
     if training: model.eval()
     device = _device_of(model)
+    # item_chunk > 0 and a plain MSBR: the item table once, ranks counted batch x item_chunk scores at a time
+    stream = item_chunk > 0 and isinstance(model, MSBR) and type(model).forward is MSBR.forward
     try:
         with torch.no_grad():
+            table = model.embeddings() if stream else None
             for batch in prefix_loader(samples, batch_size=batch_size):
+                if stream:
+                    b = _to(batch, device)
+                    ev.update_ranks(streaming_target_ranks(model._encode(b, table), table[1:], b['targets'] - 1,
+                                                           batch_size=len(b['targets']), item_chunk=item_chunk))
+                    continue
                 scores = model(_to(batch, device))
                 if not (isinstance(scores, (Tensor, np.ndarray)) and scores.ndim == 2 and scores.shape[0] == len(batch['targets'])
                         and (n_items is None or scores.shape[1] == n_items)):
@@ -338,20 +347,22 @@ def score_samples(model: Callable, samples: Samples, ks=(5, 10, 20), batch_size:
                                      f"for a batch of {len(batch['targets'])}; expected [{len(batch['targets'])}, "
                                      f"{n_items or 'n_items'}] (column j = item index j + 1)")
                 ev.update(scores, batch['targets'].to(scores.device if isinstance(scores, Tensor) else 'cpu') - 1)
+                del scores  # else the previous batch's [batch, n_items] scores live on while the next are computed
     finally:
         if training: model.train()
     return ev.compute()
 
 
-def evaluate_model(model: Callable, prepared: Prepared, split: str = 'test', ks=(5, 10, 20), batch_size: int = 500) -> dict:
+def evaluate_model(model: Callable, prepared: Prepared, split: str = 'test', ks=(5, 10, 20), batch_size: int = 500,
+                   item_chunk: int = 0) -> dict:
     "Full-catalogue metrics of any recommender on a split: 'overall' (standard protocol), 'cold' (unseen targets), 'n'."
     if split not in prepared.samples:
         raise KeyError(f"no split {split!r}; splits: {list(prepared.samples)}")
     samples, cold = prepared.samples[split], prepared.cold.get(split)
     if not len(samples): raise ValueError(f"{prepared.name}: the {split!r} split has no samples to evaluate")
     n_cold = 0 if cold is None else len(cold)
-    return dict(overall=score_samples(model, samples, ks, batch_size, prepared.n_items),
-                cold=score_samples(model, cold, ks, batch_size, prepared.n_items) if n_cold else None,
+    return dict(overall=score_samples(model, samples, ks, batch_size, prepared.n_items, item_chunk),
+                cold=score_samples(model, cold, ks, batch_size, prepared.n_items, item_chunk) if n_cold else None,
                 n=dict(overall=len(samples), cold=n_cold))
 
 # %% ../nbs/07_msbr.ipynb #90d349e4

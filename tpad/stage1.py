@@ -5,6 +5,7 @@
 # %% ../nbs/03_stage1_knowledge.ipynb #ab7d227b
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -155,10 +157,22 @@ def feature_key(model, config: MLLMConfig, adapter: str, items: pd.DataFrame) ->
                 n_items=len(items))
 
 
+def _write_error(e: Exception, path) -> OSError:
+    "An OSError naming `path` for the failed write `e` (safetensors says 'os error N' and no file name)."
+    code = getattr(e, 'errno', None)
+    if code is None and (m := re.search(r'os error (\d+)', str(e))): code = int(m.group(1))
+    return OSError(code or errno.EIO, f"could not write {path}: {getattr(e, 'strerror', None) or e}")
+
+
 def _replace_atomic(write, path: Path):
+    "Write through `write(tmp)` into a temporary file next to `path`, then rename it onto `path`; a failed write leaves no temporary file and raises an OSError naming `path`."
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(e, path) from e
 
 
 def save_features(path, features: Tensor, key: dict, item_ids) -> Path:
