@@ -1,6 +1,6 @@
-"""Stage 1, h^K extraction and Stage 2a of the tiny MLLM on the toyshop, for `tests/test_accelerate.py`; not a test.
+"""Stage 1, h^K extraction, Stage 2a and Stage 2b of the tiny MLLM on the toyshop, for `tests/test_accelerate.py`; not a test.
 
-    python tests/_accelerate_job.py OUT_DIR [--accum K] [--stages stage1,features,stage2] [--resume RUN_DIR]
+    python tests/_accelerate_job.py OUT_DIR [--accum K] [--stages stage1,features,stage2,stage2b] [--resume RUN_DIR]
     ACCELERATE_USE_CPU=1 python -m accelerate.commands.launch --multi_gpu --num_processes 2 ... \\
         tests/_accelerate_job.py OUT_DIR
 
@@ -12,12 +12,18 @@ Every process runs the same code, as a user's script would under `accelerate lau
   micro-batches per step, into OUT_DIR/stage1 (a checkpoint every 2 steps, validation every 2 steps in batches of 9,
   so that two processes get unequal shares of the 60 held-out items);
 - `features`: `tpad.stage1.knowledge_features` into the cache OUT_DIR/cache/h_K.safetensors;
-- `stage2`: `tpad.stage2.train_transfer` on the same model for STAGE2_STEPS steps into OUT_DIR/stage2.
+- `stage2`: `tpad.stage2.train_transfer` on the same model for STAGE2_STEPS steps into OUT_DIR/stage2;
+- `stage2b`: `tpad.align.stage2b` on the same model and the first ALIGN_ITEMS items (h^K from `features`, h^T
+  extracted with the `transfer` adapter) for ALIGN_STEPS steps into OUT_DIR/stage2b, its caches (h^T, the distilled
+  h^K, e^LLM) in OUT_DIR/cache2b; needs `features` and `stage2`.
 
 Each process writes OUT_DIR/rank-<index>.json: its index, the number of processes, how many samples it ran through
-the model in each phase (while extracting: its shard), where the resumed run started, and the warnings it saw.
+the model in each phase (while extracting: its shard), where the resumed run started, the warnings it saw and, after
+Stage 2b, its before/after numbers and a hash of its CLUB network q (which DDP does not synchronise).
 """
 import argparse
+import dataclasses
+import hashlib
 import json
 import sys
 import warnings
@@ -27,18 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, s
 
 import torch
 
-from tpad import mllm, stage1, stage2
+from tpad import align, mllm, stage1, stage2
 from tpad.data import load
 from tpad.preprocess import preprocess
 
-BATCH, STAGE1_STEPS, STAGE2_STEPS = 8, 4, 3
+BATCH, STAGE1_STEPS, STAGE2_STEPS, ALIGN_STEPS, ALIGN_ITEMS = 8, 4, 3, 3, 64
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('out_dir')
     ap.add_argument('--accum', type=int, default=1, help='micro-batches per optimiser step (grad_accum_steps)')
-    ap.add_argument('--stages', default='stage1,features,stage2', help='comma-separated: stage1, features, stage2')
+    ap.add_argument('--stages', default='stage1,features,stage2,stage2b',
+                    help='comma-separated: stage1, features, stage2, stage2b')
     ap.add_argument('--resume', default='', help='first continue the Stage 1 run in this folder from its newest checkpoint')
     args = ap.parse_args(argv)
     stages = set(args.stages.split(',')) - {''}
@@ -46,7 +53,7 @@ def main(argv=None):
 
     torch.set_num_threads(1)  # the same kernels in every run, and no oversubscription of a small machine
     rank, world = mllm.process_layout()
-    rows = dict(resume=0, stage1=0, extract=0, stage2=0)  # samples this process ran through the MLLM, per phase
+    rows = dict(resume=0, stage1=0, extract=0, stage2=0, stage2b=0)  # samples this process ran through the MLLM, per phase
     phase = ['resume']
     last_hidden = mllm._last_hidden
 
@@ -93,8 +100,21 @@ def main(argv=None):
             t2.save_every, t2.mixed_precision, t2.progress = STAGE2_STEPS, 'no', False
             r2 = stage2.train_transfer(model, processor, preprocess(data), data.items, s2)
             print(f'[rank {rank}/{world}] stage2: step {r2.step}', flush=True)
+        stage2b = {}
+        if 'stage2b' in stages:
+            phase[0] = 'stage2b'
+            few = data.items.iloc[:ALIGN_ITEMS]
+            h_T = stage2.transfer_features(model, processor, few, dataclasses.replace(s2, cache_dir=str(out / 'cache2b')))
+            a = align.tiny_align_config(out / 'stage2b', out / 'cache2b', epochs=1)
+            ta = a.train
+            ta.batch_size, ta.grad_accum_steps, ta.max_steps, ta.log_every, ta.save_every = BATCH, args.accum, ALIGN_STEPS, 1, ALIGN_STEPS
+            ta.mixed_precision, ta.progress = 'no', False
+            r3 = align.stage2b(model, processor, few, h_K[:ALIGN_ITEMS], h_T, a)
+            q = b''.join(p.detach().numpy().tobytes() for p in r3.aligner.club.parameters())
+            stage2b = dict(before=r3.before, after=r3.after, q=hashlib.sha256(q).hexdigest(), steps=r3.train.step)
+            print(f'[rank {rank}/{world}] stage2b: step {r3.train.step}', flush=True)
     (out / f'rank-{rank}.json').write_text(json.dumps(dict(
-        rank=rank, world=world, rows=rows, resumed_from=resumed_from,
+        rank=rank, world=world, rows=rows, resumed_from=resumed_from, stage2b=stage2b,
         warnings=[str(w.message) for w in seen]), indent=1))
 
 

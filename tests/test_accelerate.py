@@ -1,6 +1,7 @@
-"""Stage 1, h^K extraction and Stage 2a of the tiny MLLM (toyshop, CPU) under `accelerate launch` with 2 processes
-equal the same job in one process: per-step losses, weights and the feature cache; and Stage 1 checkpoints resume
-on another number of processes (2 -> 1 and 1 -> 2). The runs are `tests/_accelerate_job.py` processes.
+"""Stage 1, h^K extraction, Stage 2a and Stage 2b of the tiny MLLM (toyshop, CPU) under `accelerate launch` with 2
+processes equal the same job in one process: per-step losses, weights and the feature caches; Stage 1 checkpoints
+resume on another number of processes (2 -> 1 and 1 -> 2); and `tpad run` itself runs under the launcher. The runs
+are `tests/_accelerate_job.py` processes and one `tpad run`.
 
 What must agree. Two processes with a micro-batch of 8 each make one step out of 2 x 8 samples, and DDP averages the
 two processes' gradients. The one-process run with the same global batch is therefore *not* batch_size=16 but
@@ -13,6 +14,14 @@ equals g0 / 2 + g1 / 2 from the accumulation. The tests still allow a relative d
 rounding is ~6e-8); measured: 0. The nearest wrong reference, one process with batch_size=16 (the same 16 samples per
 step, grouped into one micro-batch instead of two), differs from it by 8e-6 to 1.3e-4 (relative) in the first four
 Stage 1 losses, so TOL tells them apart.
+
+Stage 2b has batch-level statistics too (InfoNCE negatives, MMD, the noisy channel's standardisation, CLUB), all
+taken over a process's micro-batch, as over a micro-batch of the one-process run. Two more things could differ and
+are made not to (see "Several processes" in nbs/06_alignment.ipynb): CLUB's q is fitted outside the optimiser, so each
+process fits it on the gathered codes of every micro-batch of the step, in order, as one process does; and the
+channel noise is drawn, in every process, for every micro-batch of the step in that order, so the random streams
+match too. Measured: 0 difference in every logged term, the weights (q included, the same hash in both processes)
+and e^LLM; the same TOL applies.
 
 The cache is compared with torch.equal: every batch of the two-process extraction holds the same items, in the same
 order and with the same padding, as the batch of the one-process plan, so the features are the same bits.
@@ -41,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / 'tests' / '_accelerate_job.py'
 CONFIGS = ROOT / 'configs' / 'accelerate'
 TOL = 1e-6  # relative; see the module docstring
-STAGE1_STEPS, STAGE2_STEPS, BATCH, N_ITEMS = 4, 3, 8, 600
+STAGE1_STEPS, STAGE2_STEPS, ALIGN_STEPS, ALIGN_ITEMS, BATCH, N_ITEMS = 4, 3, 3, 64, 8, 600
 TIMEOUT = 300
 
 
@@ -126,6 +135,8 @@ def test_both_processes_took_part(runs):
     assert [r['rows']['stage1'] for r in two] == [STAGE1_STEPS * BATCH] * 2
     assert [r['rows']['resume'] for r in two] == [(STAGE1_STEPS - 2) * BATCH] * 2  # the 2 steps after checkpoint-2
     assert all(r['rows']['stage2'] > 0 for r in two) and two[0]['rows']['stage2'] == two[1]['rows']['stage2']
+    assert one[0]['rows']['stage2b'] == ALIGN_STEPS * 2 * BATCH
+    assert [r['rows']['stage2b'] for r in two] == [ALIGN_STEPS * BATCH] * 2
     # extraction: two disjoint shards of similar size that together are the catalogue (disjoint: the gather checks
     # that every item came back exactly once, and the cache equals the one-process cache below)
     shards = [r['rows']['extract'] for r in two]
@@ -144,6 +155,28 @@ def test_stage2_losses_match_one_process(runs):
     worst = assert_same_history(history(runs['two'] / 'stage2'), history(runs['one'] / 'stage2'), STAGE2_STEPS)
     assert {'loss', 'gen', 'nce', 'val_loss', 'val_nce'} <= history(runs['one'] / 'stage2')[-1].keys()
     print(f'Stage 2a: largest relative difference 2 processes vs 1: {worst:.2g}')
+
+
+def test_stage2b_matches_one_process(runs):
+    "Stage 2b: every logged term of every step, the weights (q included), e^LLM and the before/after numbers."
+    worst = assert_same_history(history(runs['two'] / 'stage2b'), history(runs['one'] / 'stage2b'), ALIGN_STEPS)
+    rows = history(runs['one'] / 'stage2b')
+    assert {'loss', 'gen', 'mi', 'club', 'club_fit', 'mmd', 'rec', 'grad_norm'} <= rows[-1].keys()
+    checkpoint = f'checkpoint-{ALIGN_STEPS}/weights.safetensors'
+    assert_same_weights(runs['two'] / 'stage2b' / checkpoint, runs['one'] / 'stage2b' / checkpoint)
+    assert any(n.startswith('club.') for n in load_file(runs['two'] / 'stage2b' / checkpoint))  # q is in the checkpoint
+    one, two = rank_info(runs['one']), rank_info(runs['two'])
+    assert two[0]['stage2b']['q'] == two[1]['stage2b']['q'] == one[0]['stage2b']['q']  # the processes' q agree
+    assert two[0]['stage2b']['before'] == two[1]['stage2b']['before'] == one[0]['stage2b']['before']
+    for r in two: assert r['stage2b']['after'].keys() == one[0]['stage2b']['after'].keys()
+    for k, v in one[0]['stage2b']['after'].items():
+        assert all(math.isclose(r['stage2b']['after'][k], v, rel_tol=TOL) for r in two), (k, v, two)
+    assert sorted(p.name for p in (runs['two'] / 'cache2b').iterdir()) == [  # one writer, no leftovers
+        'e_LLM.h_K.json', 'e_LLM.h_K.safetensors', 'e_LLM.json', 'e_LLM.safetensors', 'h_T.json', 'h_T.safetensors']
+    e1, e2 = (load_file(r / 'cache2b' / 'e_LLM.safetensors')['features'] for r in (runs['one'], runs['two']))
+    assert e2.shape == (ALIGN_ITEMS, 128) and torch.equal(e1, e2)
+    assert len((runs['two'] / 'stage2b' / 'losses.csv').read_text().splitlines()) == 1 + ALIGN_STEPS
+    print(f'Stage 2b: largest relative difference 2 processes vs 1: {worst:.2g}')
 
 
 def test_weights_match_one_process(runs):
@@ -183,6 +216,39 @@ def test_resume_one_process_in_two(runs):
     assert_same_history(history(runs['one_cut']), history(runs['one'] / 'stage1'), STAGE1_STEPS)
     assert_same_weights(runs['one_cut'] / f'checkpoint-{STAGE1_STEPS}' / 'weights.safetensors',
                         runs['one'] / 'stage1' / f'checkpoint-{STAGE1_STEPS}' / 'weights.safetensors')
+
+
+def test_tpad_run_two_processes(tmp_path):
+    """`tpad run` under `accelerate launch` (the console script is the launched file): the MLLM stages on both
+    processes, the rows and the results written once, by process 0. Every stage is cut to 2 steps, one small epoch
+    for the recommenders and no figures, to keep it cheap."""
+    tpad = shutil.which('tpad') or str(Path(sys.executable).with_name('tpad'))
+    if not Path(tpad).is_file(): pytest.skip('no `tpad` console script next to this Python')
+    out = tmp_path / 'smoke'
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM='false', ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file', str(CONFIGS / 'one_node_8gpu.yaml'),
+           '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no', '--main_process_port',
+           str(_free_port()), tpad, 'run', '--preset', 'toyshop-smoke', '--models', 'srgnn,tpad', '--out', str(out),
+           '--figures', 'none', '--stage1.train.max_steps', '2', '--stage2.train.max_steps', '2',
+           '--align.train.max_steps', '2', '--fit.max_train_samples', '300']
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f'tpad run exited with {proc.returncode}:\n{log[-4000:]}'
+    print(f'tpad run on 2 processes: {time.time() - t0:.1f} s')
+    # both processes trained the MLLM stages: the checkpoints hold 2 processes' random states
+    for stage in ('stage1', 'stage2', 'align-full'):
+        ckpt = sorted((out / 'train' / stage).glob('checkpoint-*'))[-1]
+        assert json.loads((ckpt / 'trainer_state.json').read_text())['num_processes'] == 2, stage
+        assert sorted(p.name for p in ckpt.glob('rng-*.json')) == ['rng-0.json', 'rng-1.json'], stage
+        assert (out / 'stages' / stage / 'stage.json').is_file(), stage
+    # one voice, one table: process 1 logs nothing and stops after the stages
+    assert log.count('[stage1] done in') == log.count('wrote ') == 1, log[-3000:]
+    assert '[run] 2 processes' in log
+    assert sorted(p.name for p in out.glob('results*')) == ['results.csv', 'results.md']
+    md = (out / 'results.md').read_text()
+    assert md.startswith('# Results: toyshop-smoke') and '| SR-GNN' in md and '| TPAD' in md
+    assert not list(out.rglob('.*.tmp*'))  # no half-written file left
 
 
 def test_configs_parse():
