@@ -419,9 +419,6 @@ def test_unknown_items(tmp_path, seen):
     seen(report_line(data.report, 'drop clicks on unknown items'))
 
 
-@pytest.mark.xfail(reason="tpad.experiment.run loads with the loader's default on_unknown='error', so "
-                          "--preprocess.on_unknown drop never reaches the loader (fix belongs in 09_experiment)",
-                   raises=DataFormatError, strict=False)
 def test_unknown_items_run_drop(tmp_path):
     "`tpad run --preprocess.on_unknown drop` on a folder with unknown items should drop and count them."
     clicks = base_clicks()

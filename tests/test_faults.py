@@ -335,10 +335,6 @@ def unwritable_out(request, tmp_path):
     finally: locked.chmod(0o700)
 
 
-WRITABILITY = pytest.mark.xfail(strict=True, reason='needs the writability check in run()')
-
-
-@WRITABILITY
 def test_unwritable_out_dir_fails_before_any_work(unwritable_out):
     r = tpad_run('--preset', 'toyshop-smoke', '--models', 'pop', '--figures', 'none', '--out', unwritable_out)
     assert r.returncode != 0
@@ -347,7 +343,6 @@ def test_unwritable_out_dir_fails_before_any_work(unwritable_out):
     assert '[data]' not in r.stdout and '[preprocess]' not in r.stdout  # nothing was loaded or trained
 
 
-@WRITABILITY
 def test_full_disk_is_refused_before_any_work(tmp_path, monkeypatch):
     "A disk with (almost) no space left: `run` stops before loading data, naming the folder and the free space."
     usage = shutil.disk_usage(tmp_path)
@@ -376,8 +371,7 @@ def test_disk_full_while_saving_a_stage_leaves_it_unsealed(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize('writer', [
-    pytest.param('save_stage', marks=pytest.mark.xfail(
-        strict=True, reason='needs tpad.experiment._atomic to name the file and remove the temp file on failure')),
+    'save_stage',
     'save_features'])
 def test_disk_full_message_names_the_file(tmp_path, monkeypatch, writer):
     "safetensors says only 'No space left on device (os error 28)': the error should say which file, and clean up."
