@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .metrics import target_ranks
 from .msbr import load_msbr
+from .viz import _write_atomic  # the figures of both visualisation notebooks are written the same way
 from .preprocess import Prepared, Samples, collate_prefixes, load_image, prefix_loader
 
 # %% auto #0
@@ -438,18 +439,6 @@ def case_browser(prepared: Prepared, models: dict, table: pd.DataFrame | None = 
     return box
 
 # %% ../nbs/11_case_studies.ipynb #6b2d1f4c
-def _write_atomic(write, path: Path) -> Path:
-    "Write through `write(tmp)` into a temporary file next to `path`, then rename it onto `path`."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
-    return path
-
-
 def _plain(v):
     "A JSON-able copy of a table value."
     if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)): return None
