@@ -28,6 +28,7 @@ from tpad import experiment, stage1
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tests'))
 import _cache_job  # noqa: E402  (features/key/item_ids of the cache writer, to check what it wrote)
+from _jobs import TIMEOUT, finish, start, tail  # noqa: E402
 
 SEED = int(os.environ.get('TPAD_FAULT_SEED', '0'))
 TOTAL = 12        # optimiser steps of _train_job.py; a checkpoint every 2
@@ -36,26 +37,6 @@ N_TRAIN_KILLS = 3
 N_CACHE_KILLS = 4
 ROWS, DIM = 200_000, 64  # a 51 MB cache (+ a 3 MB sidecar): ~0.3 s per write here
 PAUSE = 0.3      # seconds a cache writer waits between writes
-TIMEOUT = 300
-
-
-def start(script, *args, log):
-    "Start `python tests/<script> *args` from the repo root, its output going to `log` (a pipe could fill up)."
-    with open(log, 'a') as f:
-        proc = subprocess.Popen([sys.executable, str(ROOT / 'tests' / script), *map(str, args)], cwd=ROOT,
-                                stdout=f, stderr=subprocess.STDOUT)
-    proc.log = Path(log)
-    return proc
-
-
-def tail(proc) -> str: return proc.log.read_text()[-3000:]
-
-
-def finish(proc):
-    "Wait for `proc`; fail with the end of its output if it did not exit cleanly."
-    proc.wait(timeout=TIMEOUT)
-    assert proc.returncode == 0, f'job exited with {proc.returncode}:\n{tail(proc)}'
-
 
 def history_rows(path) -> list:
     "The complete lines of a history.jsonl (a kill may leave half a line at the end)."

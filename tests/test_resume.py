@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,28 +13,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tests'))
+from _jobs import TIMEOUT, finish, start, tail  # noqa: E402
 JOB = ROOT / 'tests' / '_train_job.py'
 TOTAL = 12  # optimiser steps of the job (96 samples, batch 8, one epoch); a checkpoint every 2 steps
-TIMEOUT = 300
 
 
 def job(out_dir, *args):
-    "Start `_train_job.py out_dir *args` from the repo root, its output going to `out_dir`.log (a pipe could fill up)."
-    log = Path(f'{out_dir}.log')
-    with open(log, 'a') as f:
-        proc = subprocess.Popen([sys.executable, str(JOB), str(out_dir), *args], cwd=ROOT, stdout=f,
-                                stderr=subprocess.STDOUT)
-    proc.log = log
-    return proc
-
-
-def tail(proc) -> str: return proc.log.read_text()[-3000:]
-
-
-def finish(proc):
-    "Wait for `proc`; fail with the end of its output if it did not exit cleanly."
-    proc.wait(timeout=TIMEOUT)
-    assert proc.returncode == 0, f'job exited with {proc.returncode}:\n{tail(proc)}'
+    "Start `_train_job.py out_dir *args` from the repo root, its output going to `out_dir`.log."
+    return start(JOB.name, out_dir, *args, log=f'{out_dir}.log')
 
 
 def history(path) -> list:
