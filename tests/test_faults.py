@@ -219,12 +219,15 @@ def test_killed_cache_write_leaves_old_or_new_never_torn(cache_kills, name):
 
 @pytest.mark.parametrize('name', CACHES)
 def test_cache_rewrite_after_kill(cache_kills, name):
-    "The next run writes over whatever the kill left: the new cache is sealed and loads (stale temp files are ignored)."
+    """The next run writes over whatever the kill left: the new cache is sealed and loads, and the temporary files
+    of the killed writer are gone (`tpad.data.atomic_write` removes those of processes that no longer run)."""
     path = cache_kills['paths'][name]
+    sidecar = path.with_suffix('.json')
     v = cache_kills['states'][name]['started'] + 1
     stage1.save_features(path, _cache_job.features(ROWS, DIM, v), _cache_job.key(ROWS, DIM, v), _cache_job.item_ids(ROWS))
     assert torch.equal(stage1.load_features(path, _cache_job.key(ROWS, DIM, v)), _cache_job.features(ROWS, DIM, v))
     assert json.loads(path.with_suffix('.json').read_text())['item_ids'][-1] == f'item-{ROWS - 1}'
+    assert not [p.name for p in path.parent.iterdir() if p.name.startswith((f'.{path.name}.tmp', f'.{sidecar.name}.tmp'))]
 
 
 class Crash(Exception): "The simulated death of the writing process."

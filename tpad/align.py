@@ -17,11 +17,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .data import Report
+from .data import Report, atomic_write
 from .mi import CLUB, MINE, MMD, NWJ, InfoNCE, fit_estimator
 from .mllm import (MLLMConfig, _all_gather_rows, enable_gradient_checkpointing, generation_loss, pool, process_layout,
                        readout, use_adapter, wait_for_everyone)
-from .stage1 import (KnowledgeData, Stage1Config, _replace_atomic, adapter_hash, cached_item_features,
+from .stage1 import (KnowledgeData, Stage1Config, adapter_hash, cached_item_features,
                          feature_key, save_features, tiny_stage1_config)
 from .stage2 import _feature_dim
 from .train import TrainConfig, TrainResult, history_frame, train
@@ -331,7 +331,7 @@ def align(model, processor, items: pd.DataFrame, h_T: Tensor, config: AlignConfi
         result = train(aligner, data, data.collate, AlignLoss(config), config.train)
     if config.train.out_dir and process_layout()[0] == 0:  # one writer, as for the history
         frame = result.frame()
-        _replace_atomic(lambda p: frame.to_csv(p, index=False), Path(config.train.out_dir) / 'losses.csv')
+        atomic_write(lambda p: frame.to_csv(p, index=False), Path(config.train.out_dir) / 'losses.csv')
     return aligner, result
 
 # %% ../nbs/06_alignment.ipynb #9f5ac310

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import textwrap
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 
 from .metrics import target_ranks
 from .msbr import load_msbr
-from .viz import _write_atomic  # the figures of both visualisation notebooks are written the same way
+from .data import atomic_write
 from .preprocess import Prepared, Samples, collate_prefixes, load_image, prefix_loader
 
 # %% auto #0
@@ -462,7 +461,7 @@ def plot_run_cases(run_dir, items: pd.DataFrame, prepared: Prepared, models: dic
         if entry['sample'] is not None:
             fig = case_figure(prepared, models, entry['sample'], c.split, None, c, items, f"case {entry['case']} ({entry['kind']}): {entry['why']}")
             name = f"case-{entry['case']}.png"
-            written.append(_write_atomic(lambda p: fig.savefig(p, format='png', dpi=c.dpi), out / name))
+            written.append(atomic_write(lambda p: fig.savefig(p, format='png', dpi=c.dpi), out / name))
             plt.close(fig)
             entry.update(figure=name, prefix=[str(i) for i in prepared.item_ids[fig.case['prefix']]],
                          ranks={n: _plain(row[f'{n} rank']) for n in models}, scores={n: _plain(row[f'{n} score']) for n in models},
@@ -473,5 +472,5 @@ def plot_run_cases(run_dir, items: pd.DataFrame, prepared: Prepared, models: dic
     info = dict(dataset=prepared.name, split=c.split, n_items=prepared.n_items, samples=len(table),
                 cold_samples=int(table['cold'].sum()), models=list(models), baseline=picks.attrs['baseline'],
                 model=picks.attrs['model'], missing_kinds=picks.attrs['missing'], config=asdict(c), cases=cases)
-    written.append(_write_atomic(lambda p: p.write_text(json.dumps(info, indent=2, default=str)), out / 'cases.json'))
+    written.append(atomic_write(lambda p: p.write_text(json.dumps(info, indent=2, default=str)), out / 'cases.json'))
     return written

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import FORMAT_MODULES, LOADERS, SessionData, load
+from .data import FORMAT_MODULES, LOADERS, SessionData, atomic_write, load
 from .preprocess import Prepared, PreprocessConfig, preprocess, report_table
 from .mllm import MLLMConfig, add_adapters, corpus_texts, every_process, load_mllm, process_layout, wait_for_everyone
-from .stage1 import Stage1Config, _replace_atomic, knowledge_features, tiny_stage1_config, train_knowledge
+from .stage1 import Stage1Config, knowledge_features, tiny_stage1_config, train_knowledge
 from .stage2 import Stage2Config, align_features, tiny_stage2_config, train_transfer, transfer_features
 from .align import ABLATIONS, AlignConfig, AlignModel, ablation, heads_output, stage2b, tiny_align_config
 from .msbr import MSBR, FitConfig, MSBRConfig, evaluate_model, fit
@@ -196,12 +196,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return make_config(preset, **nested)
 
 # %% ../nbs/09_experiment.ipynb #80b48614
-def _atomic(write, path: Path):
-    "Write through `write(tmp)` to a temp file in the same folder, then rename it onto `path` (a failed write names `path`)."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _replace_atomic(write, path)
-
-
 MIN_FREE_MB = 100
 
 
@@ -226,12 +220,12 @@ def check_out_dir(out, min_free_mb: float = MIN_FREE_MB) -> Path:
 
 def _write_json(path: Path, obj):
     "Write JSON atomically."
-    _atomic(lambda p: p.write_text(json.dumps(obj, indent=2, default=str)), Path(path))
+    atomic_write(lambda p: p.write_text(json.dumps(obj, indent=2, default=str)), Path(path))
 
 
 def _write_csv(path: Path, df: pd.DataFrame):
     "Write CSV atomically."
-    _atomic(lambda p: df.to_csv(p, index=False), Path(path))
+    atomic_write(lambda p: df.to_csv(p, index=False), Path(path))
 
 
 def digest(obj) -> str:
@@ -244,7 +238,7 @@ def save_stage(folder, key: str, tensors: dict, **info) -> Path:
     "Write a stage's tensors (safetensors) and then its seal `stage.json` holding `key` and `info`."
     folder = Path(folder)
     (folder / 'stage.json').unlink(missing_ok=True)  # no seal while the tensors change
-    _atomic(lambda p: save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(p)),
+    atomic_write(lambda p: save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(p)),
             folder / 'outputs.safetensors')
     _write_json(folder / 'stage.json', dict(key=key, **info))
     return folder
@@ -469,7 +463,7 @@ FIGURES = ('full', 'all', 'none')
 
 def _save_figure(fig, path: Path, dpi: int = 100) -> str:
     "Save `fig` as a PNG atomically, close it, and return the file name."
-    _atomic(lambda p: fig.savefig(p, format='png', dpi=dpi, bbox_inches='tight'), path)
+    atomic_write(lambda p: fig.savefig(p, format='png', dpi=dpi, bbox_inches='tight'), path)
     plt.close(fig)
     return path.name
 
@@ -586,7 +580,7 @@ def run(config: RunConfig, log=print) -> dict:
     table = results_table(frame)
     _write_csv(out / 'results.csv', frame)
     skipped_text = ''.join(f'\n- skipped {MODELS[k][0]}: {why}' for k, why in skipped.items())
-    _atomic(lambda p: p.write_text(f"# Results: {config.preset}\n\n{protocol_text(config, prepared)}\n\n"
+    atomic_write(lambda p: p.write_text(f"# Results: {config.preset}\n\n{protocol_text(config, prepared)}\n\n"
                                    f"{markdown_table(table)}\n{skipped_text}\n"), out / 'results.md')
     times['total'] = round(time.perf_counter() - t_all, 1)
     alignment = {k[len('align-'):]: dict(before=v.get('before'), after=v.get('after')) for k, v in stage_info.items()

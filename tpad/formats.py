@@ -8,9 +8,7 @@ from __future__ import annotations
 import ast
 import gzip
 import json
-import os
 import re
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .data import (INTERACTION_COLUMNS, ITEM_COLUMNS, DataFormatError, Report, SessionData, _decode, _find,
-                       check_ids, check_items, items_from_interactions, loader, load, read_table, resolve_images, sessionize,
+                       atomic_write, check_ids, check_items, items_from_interactions, loader, load, read_table, resolve_images, sessionize,
                        shared_data_dir, to_number, to_seconds)
 
 # %% auto #0
@@ -417,14 +415,9 @@ class RecboleFiles:
 _BREAKS = re.compile(r'[\t\n\r]')
 
 
-def _write_atomic(df: pd.DataFrame, header: list[str], dest: Path):
-    fd, tmp = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
-            df.to_csv(f, sep='\t', header=header, index=False, lineterminator='\n', na_rep='')
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+def _write_tsv(df: pd.DataFrame, header: list[str], dest: Path):
+    atomic_write(lambda p: df.to_csv(p, sep='\t', header=header, index=False, lineterminator='\n', na_rep='',
+                                     encoding='utf-8'), dest)
 
 
 def export_recbole(data: SessionData, out_dir, name: str | None = None) -> RecboleFiles:
@@ -449,8 +442,8 @@ def export_recbole(data: SessionData, out_dir, name: str | None = None) -> Recbo
     rep.add('replace tabs/line breaks with spaces', len(items), len(items), changed=sum(counts.values()),
             note=', '.join(f'{c}: {n}' for c, n in counts.items()) + ' value(s) changed')
     files = RecboleFiles(out / f'{name}.inter', out / f'{name}.item', rep)
-    _write_atomic(inter, ['session_id:token', 'item_id:token', 'timestamp:float'], files.inter)
+    _write_tsv(inter, ['session_id:token', 'item_id:token', 'timestamp:float'], files.inter)
     rep.add(f'write {files.inter.name}', len(inter), len(inter))
-    _write_atomic(items, ['item_id:token', 'title:token_seq', 'text:token_seq', 'category:token', 'image:token'], files.item)
+    _write_tsv(items, ['item_id:token', 'title:token_seq', 'text:token_seq', 'category:token', 'image:token'], files.item)
     rep.add(f'write {files.item.name}', len(items), len(items))
     return files

@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .data import atomic_write
 from .metrics import StreamingEvaluator, streaming_target_ranks
 from .preprocess import Prepared, Samples, collate_prefixes, prefix_loader
 
@@ -413,25 +413,19 @@ def _train_subset(samples: Samples, n: int) -> Samples:
     return samples.subset(np.sort(np.random.default_rng(0).choice(len(samples), n, replace=False)))
 
 
-def _write_atomic(path: Path, write):
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_model(out_dir, model: nn.Module, info: dict) -> Path:
     "Write `model`'s weights (safetensors) and `info` + its config (JSON, the seal, written last) into `out_dir`."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     sidecar = out / 'model.json'
     if sidecar.exists(): sidecar.unlink()  # no seal while the weights change
     weights = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(out / 'model.safetensors', lambda p: save_file(weights, str(p), metadata={'format': 'pt'}))
+    atomic_write(lambda p: save_file(weights, str(p), metadata={'format': 'pt'}), out / 'model.safetensors')
     meta = dict(model=type(model).__name__, n_items=getattr(model, 'n_items', None),
                 config=asdict(model.config) if dataclasses.is_dataclass(getattr(model, 'config', None)) else None,
                 features_hash=features_hash(getattr(model, 'features', None)),
                 features_shape=list(model.features.shape) if getattr(model, 'features', None) is not None else None,
                 **info)
-    _write_atomic(sidecar, lambda p: p.write_text(json.dumps(meta, indent=1, default=str)))
+    atomic_write(lambda p: p.write_text(json.dumps(meta, indent=1, default=str)), sidecar)
     return out / 'model.safetensors'
 
 

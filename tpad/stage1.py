@@ -5,23 +5,20 @@
 # %% ../nbs/03_stage1_knowledge.ipynb #ab7d227b
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .data import Report, SessionData
+from .data import Report, SessionData, atomic_write
 from peft import PeftModel
 
 from .mllm import (MLLMConfig, add_adapters, encode, every_process, generation_loss, item_features, item_prompt,
@@ -157,24 +154,6 @@ def feature_key(model, config: MLLMConfig, adapter: str, items: pd.DataFrame) ->
                 n_items=len(items))
 
 
-def _write_error(e: Exception, path) -> OSError:
-    "An OSError naming `path` for the failed write `e` (safetensors says 'os error N' and no file name)."
-    code = getattr(e, 'errno', None)
-    if code is None and (m := re.search(r'os error (\d+)', str(e))): code = int(m.group(1))
-    return OSError(code or errno.EIO, f"could not write {path}: {getattr(e, 'strerror', None) or e}")
-
-
-def _replace_atomic(write, path: Path):
-    "Write through `write(tmp)` into a temporary file next to `path`, then rename it onto `path`; a failed write leaves no temporary file and raises an OSError naming `path`."
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(e, path) from e
-
-
 def save_features(path, features: Tensor, key: dict, item_ids) -> Path:
     "Write `features` (safetensors) and its JSON sidecar (key, item ids) atomically; under several processes only the main one writes."
     path = Path(path)
@@ -182,10 +161,10 @@ def save_features(path, features: Tensor, key: dict, item_ids) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = path.with_suffix('.json')
     if sidecar.exists(): sidecar.unlink()  # the sidecar is the seal: without it the tensor is never trusted
-    _replace_atomic(lambda p: save_file({'features': features.contiguous()}, str(p)), path)
+    atomic_write(lambda p: save_file({'features': features.contiguous()}, str(p)), path)
     meta = dict(key=key, item_ids=[str(i) for i in item_ids], shape=list(features.shape),
                 written=time.strftime('%Y-%m-%dT%H:%M:%S'))
-    _replace_atomic(lambda p: p.write_text(json.dumps(meta, indent=1)), sidecar)
+    atomic_write(lambda p: p.write_text(json.dumps(meta, indent=1)), sidecar)
     return path
 
 

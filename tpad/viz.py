@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from .data import atomic_write
 from .mi import MMD
 
 # %% auto #0
@@ -253,25 +254,13 @@ def alignment_figure(coords: pd.DataFrame, categories=None, numbers: pd.DataFram
     return fig
 
 
-def _write_atomic(write, path: Path) -> Path:
-    "Write through `write(tmp)` into a temporary file next to `path`, then rename it onto `path`."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
-    return path
-
-
 def save_alignment_figures(out_dir, fig: plt.Figure, numbers: pd.DataFrame | None = None, name: str = 'alignment',
                            dpi: int = 120) -> list[Path]:
     "Write `fig` as `out_dir/name.png` and the numbers as `out_dir/name.json`, each atomically; the paths written."
-    out = [_write_atomic(lambda p: fig.savefig(p, format='png', dpi=dpi, bbox_inches='tight'), Path(out_dir) / f'{name}.png')]
+    out = [atomic_write(lambda p: fig.savefig(p, format='png', dpi=dpi, bbox_inches='tight'), Path(out_dir) / f'{name}.png')]
     if numbers is not None:
         text = json.dumps(json.loads(numbers.to_json(orient='index')), indent=2)
-        out.append(_write_atomic(lambda p: p.write_text(text), Path(out_dir) / f'{name}.json'))
+        out.append(atomic_write(lambda p: p.write_text(text), Path(out_dir) / f'{name}.json'))
     return out
 
 
