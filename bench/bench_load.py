@@ -28,7 +28,7 @@ batches (mismatches).
 Feature extraction (`extract` rows). `tpad.mllm.item_features` with the tiny demo MLLM (d = 128, CPU) on `--extract`
 toyshop items (cycled past 600, new ids): with their images and text-only. A million items would take hours here: the
 `hours (extrapolated)` column is N / (items/s). The cache rows measure what extraction does at the end
-for N items: `gather` (the per-batch [16, d] outputs concatenated into [N, d], as item_features does), `save`
+for N items: `gather` (the per-batch [16, d] outputs written into a preallocated [N, d], as item_features does), `save`
 (`tpad.stage1.save_features`: safetensors + a JSON sidecar with the N item ids) and `load` (`load_features`, in a
 fresh process), with d = 128 at N and d = 1536 (Qwen2-VL-2B's hidden size) at N / 4, extrapolated x 4 to N
 (marked `extrapolated`: memory and time of these steps are linear in N x d). The load row reads every value
@@ -158,11 +158,10 @@ def cache_row(r: dict) -> dict:
         assert f is not None and tuple(f.shape) == (n, d), 'the cache written by the save row did not load'
         return dict(seconds=seconds, peak_added_mb=m.added / MB, memory_method=m.method, checksum=total)
     ids = [f'item-{i}' for i in range(n)]
-    with PeakMemory() as gather:  # what item_features does with its per-batch outputs
+    with PeakMemory() as gather:  # what item_features does with its per-batch outputs (one process)
         t0 = time.perf_counter()
-        parts = [torch.randn(min(16, n - i), d) for i in range(0, n, 16)]
-        f = torch.cat(parts)
-        del parts
+        f = torch.empty(n, d)  # preallocated, each batch written into its rows as it comes
+        for i in range(0, n, 16): f[i:i + 16] = torch.randn(min(16, n - i), d)
         gather_s = time.perf_counter() - t0
     with PeakMemory() as m:
         t0 = time.perf_counter()

@@ -811,7 +811,15 @@ def item_features(model, processor, items, config: MLLMConfig | None = None, bat
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     autocast = (torch.autocast(p.device.type, dtype=_DTYPES[config.dtype])
                 if p.dtype == torch.float32 and config.dtype != 'float32' else contextlib.nullcontext())
-    feats, index, tallies = [], [], {}
+    # one buffer, filled batch by batch: every item at its row (one process), or this process's rows in turn (several)
+    buf = torch.empty(len(rows) if world == 1 else sum(map(len, chunks)), d)
+    index, tallies, pending, filled = [], {}, [], 0
+
+    def flush():
+        if cuda: torch.cuda.synchronize(p.device)  # the copies into pinned memory are asynchronous
+        for at, host in pending: buf[at] = host
+        pending.clear()
+
     was_training = model.training
     model.eval()
     try:
@@ -822,25 +830,28 @@ def item_features(model, processor, items, config: MLLMConfig | None = None, bat
                 parts = [next(chunk_iter) for _ in range(n_chunks)]
                 batch = merge_batches([_inputs(model, b, non_blocking=cuda) for _, b, _ in parts], pad_id)
                 h = _pool_masked(_last_hidden(model, batch), batch['attention_mask'].bool(), config.readout)
-                feats.append(h.float().to('cpu', non_blocking=cuda))  # pinned and asynchronous on CUDA
-                for idx, _, ts in parts:
-                    index += idx
-                    tallies.update(zip(idx, ts))
-            if cuda: torch.cuda.synchronize(p.device)
+                idx = [i for part, _, _ in parts for i in part]
+                at = torch.tensor(idx) if world == 1 else slice(filled, filled + len(idx))
+                pending.append((at, h.float().to('cpu', non_blocking=cuda)))
+                filled += len(idx)
+                if not cuda or len(pending) >= 8: flush()  # on CUDA a few batches stay in flight
+                for part, _, ts in parts: tallies.update(zip(part, ts))
+                index += idx
+            flush()
     finally:
         model.train(was_training)
         chunk_iter = None  # shuts the workers down
-    feats = torch.cat(feats) if feats else torch.zeros(0, d)
-    if world > 1:  # every process gets every shard: features, item positions and report tallies
+    out = buf
+    if world > 1:  # every process gets every shard: item positions, report tallies and features
         mine = [list(map(list, tallies[i])) for i in index]
-        feats = torch.cat(_all_gather_rows(feats))
-        index = torch.cat(_all_gather_rows(torch.tensor(index, dtype=torch.long))).tolist()
+        index_parts = _all_gather_rows(torch.tensor(index, dtype=torch.long))
+        index = torch.cat(index_parts).tolist()
         tallies = dict(zip(index, [t for part in _all_gather_json(mine) for t in part]))
         if sorted(index) != list(range(len(rows))):
             raise RuntimeError(f"item_features: the {world} shards cover {len(set(index))} of {len(rows)} items "
                                f"({len(index)} rows): did every process pass the same items and batch_size?")
+        out = torch.empty(len(rows), d)
+        for part, at in zip(_all_gather_rows(buf), index_parts): out[at] = part
     for i in range(len(rows)):
         for t in tallies[i]: _tally(report, *t)
-    out = torch.empty(len(rows), d)
-    out[torch.tensor(index)] = feats
     return out
