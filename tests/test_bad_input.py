@@ -304,6 +304,9 @@ def test_empty_title(tmp_path, mllm, seen):
     assert r.prompts['b'].text.endswith(mllm.cfg.readout_instruction) and len(r.prompts['b'].images) == 1
     assert r.prompts['c'].text == mllm.cfg.readout_instruction and not r.prompts['c'].images
     assert r.report['item prompts: no image -> text only [items]']['changed'] == 1
+    bare = r.report['item prompts: no text, no readable image -> instruction only [items]']
+    assert (bare['n_in'], bare['changed']) == (4, 1) and 'e.g. c' in bare['note']  # counted, named
+    seen(f"report: item prompts: no text, no readable image: {bare['changed']} of {bare['n_in']} ({bare['note']})")
     seen(f'stats: items_with_text {s.items_with_text}, items_with_image {s.items_with_image}')
     seen(f"prompt of the item with nothing: {r.prompts['c'].text!r}")
 

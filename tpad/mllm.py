@@ -493,6 +493,7 @@ def _image(item, config: MLLMConfig, report: Report | None, what: str):
     bad = status in ('missing', 'corrupt')
     _tally(report, f'{what}: unreadable image -> grey placeholder [items]', bad, 'missing or corrupt image files',
            f'{item_id}: {status} {path}' + (f' ({error})' if status == 'corrupt' else ''))
+    if bad: image.info['placeholder'] = status  # nothing of the item's own: item_prompt counts items left with nothing
     return [image]
 
 
@@ -515,6 +516,10 @@ def item_prompt(item, processor, config: MLLMConfig | None = None, report: Repor
     _tally(report, f'item prompts: text cut to {config.max_text_tokens} tokens [items]', cut,
            'item text longer than max_text_tokens, end dropped', _value(item, 'item_id'))
     images = _image(item, config, report, 'item prompts')
+    own_image = bool(images) and 'placeholder' not in images[0].info
+    _tally(report, 'item prompts: no text, no readable image -> instruction only [items]', not body and not own_image,
+           'items with nothing of their own to show: all of them get one and the same feature',
+           _value(item, 'item_id'))
     head = image_placeholder(processor) if images else ''
     text = ' '.join(p for p in (body, config.readout_instruction) if p)
     return Prompt(f'{head} {text}' if head else text, images)
