@@ -25,10 +25,13 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, send_to_device, set_seed
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn, Tensor
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
+
+from .data import _umask, atomic_write
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'MIXED_PRECISION', 'CHECKPOINT_RE', 'TrainConfig', 'resolve_mixed_precision', 'WarmupSchedule',
@@ -176,10 +179,7 @@ def _decode(obj, tensors: dict):
 
 def _write_json(path: Path, obj):
     "Write JSON atomically: a temp file in the same folder, then rename."
-    path = Path(path)
-    tmp = path.with_name(f'.tmp-{path.name}')
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(lambda p: p.write_text(json.dumps(obj, indent=1)), path)
 
 
 def save_tree(obj, stem) -> list[Path]:
@@ -251,18 +251,46 @@ def _replace_dir(src: Path, dst: Path):
     if old is not None: shutil.rmtree(old)
 
 
+def _is_fsdp(accelerator) -> bool:
+    "Whether `accelerator` shards the model (FSDP): then weights and optimizer state are gathered to save them."
+    return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+
+
+def _raw_optimizer(optimizer):
+    return getattr(optimizer, 'optimizer', optimizer)  # accelerate's AcceleratedOptimizer wraps the torch optimizer
+
+
+def _fsdp_full_state(model: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+    "(trainable weights, optimizer state) of an FSDP model, gathered whole onto process 0's CPU; call it in every process."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    names = list(trainable_parameters(model))
+    full = get_model_state_dict(model, options=options)  # process 0: full CPU tensors; the others: nothing
+    weights = {n: full[n].contiguous() for n in names} if full else {}
+    if optimizer is None: return weights, None
+    full = get_optimizer_state_dict(model, _raw_optimizer(optimizer), options=options)  # keyed by parameter name
+    # on disk as in one process: `optimizer.state_dict()`, parameters numbered in the order of the param groups
+    order = [n for group in _optimizer_param_names(model, optimizer) for n in group]
+    state = {i: full['state'][n] for i, n in enumerate(order) if n in full.get('state', {})}
+    return weights, dict(state=state, param_groups=optimizer.state_dict()['param_groups'])
+
+
 def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, step: int = 0, state: dict | None = None,
                     accelerator: Accelerator | None = None) -> Path:
     "Write trainable weights, optimizer, scheduler, RNG states and `state` (JSON-able) to the folder `path`, atomically."
     path = Path(path)
     tmp = path.with_name(f'.tmp-{path.name}')
     main = accelerator is None or accelerator.is_main_process
+    fsdp = _is_fsdp(accelerator)
+    if fsdp: weights, optimizer_state = _fsdp_full_state(model, optimizer)  # every process gathers, process 0 keeps
     if main:
         if tmp.exists(): shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        weights = {n: p.detach().to('cpu', copy=True).contiguous() for n, p in trainable_parameters(model).items()}
+        if not fsdp:
+            weights = {n: p.detach().to('cpu', copy=True).contiguous() for n, p in trainable_parameters(model).items()}
+            optimizer_state = None if optimizer is None else optimizer.state_dict()
         save_file(weights, tmp/'weights.safetensors', metadata={'format': 'pt', 'step': str(step)})
-        if optimizer is not None: save_tree(optimizer.state_dict(), tmp/'optimizer')
+        if optimizer is not None: save_tree(optimizer_state, tmp/'optimizer')
         if scheduler is not None: save_tree(scheduler.state_dict(), tmp/'scheduler')
         scaler = getattr(accelerator, 'scaler', None)
         if scaler is not None: save_tree(scaler.state_dict(), tmp/'scaler')
@@ -273,7 +301,9 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, step
     _barrier(accelerator)  # the folder exists before the other processes write their RNG states into it
     save_tree(rng_state(), tmp/f'rng-{0 if accelerator is None else accelerator.process_index}')
     _barrier(accelerator)
-    if main: _replace_dir(tmp, path)
+    if main:
+        for f in tmp.iterdir(): os.chmod(f, 0o666 & ~_umask())  # safetensors writes 0600 whatever the umask
+        _replace_dir(tmp, path)
     _barrier(accelerator)
     return path
 
@@ -285,24 +315,27 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, acce
     if not (path/'trainer_state.json').is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no trainer_state.json)")
     state = json.loads((path/'trainer_state.json').read_text())
-    weights = load_file(path/'weights.safetensors')
+    fsdp, main = _is_fsdp(accelerator), accelerator is None or accelerator.is_main_process
+    with safe_open(path/'weights.safetensors', 'pt') as f:  # names and shapes only: every process checks them
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
     params = trainable_parameters(model)
-    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    missing, unexpected = sorted(set(params) - set(shapes)), sorted(set(shapes) - set(params))
     if missing or unexpected:
         raise ValueError(f"{path}/weights.safetensors does not match the model's trainable parameters: "
                          f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != weights[name].shape:
-                raise ValueError(f"{path}/weights.safetensors: {name} has shape {tuple(weights[name].shape)}, "
-                                 f"the model's has {tuple(p.shape)}")
-            p.copy_(weights[name])
-    if optimizer is not None:
-        names = _optimizer_param_names(model, optimizer)
-        if state.get('optimizer_params') not in (None, names):
-            raise ValueError(f"{path}: the optimizer was saved for parameter groups {state['optimizer_params']}, "
-                             f"this one has {names}")
-        optimizer.load_state_dict(load_tree(path/'optimizer'))
+    for name, p in params.items():  # (under FSDP p.shape is the whole parameter's shape, not the shard's)
+        if tuple(p.shape) != shapes[name]:
+            raise ValueError(f"{path}/weights.safetensors: {name} has shape {shapes[name]}, the model's has {tuple(p.shape)}")
+    names = None if optimizer is None else _optimizer_param_names(model, optimizer)
+    if names is not None and state.get('optimizer_params') not in (None, names):
+        raise ValueError(f"{path}: the optimizer was saved for parameter groups {state['optimizer_params']}, "
+                         f"this one has {names}")
+    if fsdp: _fsdp_load_full_state(path, model, optimizer, names, main)
+    else:
+        weights = load_file(path/'weights.safetensors')
+        with torch.no_grad():
+            for name, p in params.items(): p.copy_(weights[name])
+        if optimizer is not None: optimizer.load_state_dict(load_tree(path/'optimizer'))
     if scheduler is not None: scheduler.load_state_dict(load_tree(path/'scheduler'))
     scaler = getattr(accelerator, 'scaler', None)
     if scaler is not None and (path/'scaler.json').exists(): scaler.load_state_dict(load_tree(path/'scaler'))
@@ -311,6 +344,24 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, acce
         if (path/f'rng-{rank}.json').exists(): set_rng_state(load_tree(path/f'rng-{rank}'))
         else: warnings.warn(f"{path}: no RNG state for process {rank}; the resume is not exact")
     return state
+
+
+def _fsdp_load_full_state(path: Path, model: nn.Module, optimizer, names: list | None, main: bool):
+    "Load a checkpoint's full weights (and optimizer state) into an FSDP model: process 0 reads, every process gets its shard."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, load_file(path/'weights.safetensors') if main else {}, options=options)
+    if optimizer is None: return
+    saved, full = load_tree(path/'optimizer') if main else None, {}
+    if main:  # the on-disk numbering (param groups in order) -> parameter names, which the FSDP loader wants
+        order = [n for group in names for n in group]
+        full = dict(state={order[int(i)]: v for i, v in saved['state'].items()},
+                    param_groups=[{**g, 'params': [order[int(i)] for i in g['params']]} for g in saved['param_groups']])
+    raw = _raw_optimizer(optimizer)
+    tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in raw.param_groups]
+    set_optimizer_state_dict(model, raw, full, options=options)
+    for g, keys in zip(raw.param_groups, tuples):  # the broadcast turns tuples (AdamW's betas) into lists: undo that
+        for k in keys: g[k] = tuple(g[k])
 
 
 def latest_checkpoint(out_dir) -> Path | None:
@@ -463,6 +514,59 @@ def _enable_gradient_checkpointing(model: nn.Module) -> bool:
     return False
 
 
+@torch.no_grad()
+def _same_start(model: nn.Module, device):
+    "Give every process process 0's trainable weights (DDP does this when it wraps the model; FSDP2 does not)."
+    for p in trainable_parameters(model).values():
+        if p.device.type == 'meta': continue  # not loaded here: FSDP fills it from process 0 itself
+        t = p.data.to(device)  # NCCL broadcasts GPU tensors only
+        torch.distributed.broadcast(t, src=0)
+        if t is not p.data: p.data.copy_(t)
+
+
+_HOOKS = re.compile(r'.*_hooks($|_)')  # nn.Module's hook dicts: _forward_pre_hooks, _forward_hooks_with_kwargs, ...
+
+
+def _module_snapshot(model: nn.Module) -> dict:
+    "Every module of `model` with its class, attribute names and hook ids: what FSDP2's `fully_shard` changes in place."
+    return {m: (type(m), set(vars(m)), {k: set(v) for k, v in vars(m).items() if _HOOKS.match(k) and isinstance(v, dict)})
+            for m in model.modules()}
+
+
+def _from_fsdp(hook) -> bool:
+    "Whether a module hook is one of torch FSDP's own."
+    return getattr(getattr(hook, 'hook', hook), '__module__', '').startswith('torch.distributed.fsdp')
+
+
+@torch.no_grad()
+def _fsdp_to_plain(model: nn.Module, snapshot: dict, device=None) -> nn.Module:
+    "Undo FSDP2 in place in every process: whole, ordinary parameters (on `device`); FSDP's classes, hooks, state gone."
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    for m in model.modules():
+        if isinstance(m, FSDPModule): m.reshard()  # registered parameters are the sharded DTensors again
+    whole = {}
+    for m in model.modules():  # the same order in every process: the all-gathers match
+        for name, p in list(m._parameters.items()):
+            if isinstance(p, DTensor):
+                if id(p) not in whole:  # (a shard offloaded to the CPU is gathered on `device`)
+                    local = p if device is None or p.device == device else p.to(device)
+                    whole[id(p)] = nn.Parameter(local.full_tensor(), requires_grad=p.requires_grad)
+                m._parameters[name] = whole[id(p)]  # tied parameters stay tied
+    try: from torch.distributed._composable_state import _module_state_mapping
+    except ImportError: _module_state_mapping = {}
+    for m, (cls, attrs, hooks) in snapshot.items():
+        m.__class__ = cls
+        for k in set(vars(m)) - attrs:  # fully_shard's registry and state, its markers
+            if k.startswith('__composable_api') or 'fsdp' in k.lower(): m.__dict__.pop(k, None)
+        added = {i for k, ids in hooks.items() for i, h in vars(m).get(k, {}).items()  # the forward and state-dict
+                 if i not in ids and _from_fsdp(h)}                                      # hooks FSDP added (not others')
+        for k in hooks:
+            for i in added & set(vars(m).get(k, {})): del vars(m)[k][i]  # with its entries in the *_with_kwargs dicts
+        _module_state_mapping.pop(m, None)  # so that a later `train` can shard this model again
+    return model
+
+
 def _resume_from(config: TrainConfig, out: Path | None, accelerator: Accelerator) -> Path | None:
     "The checkpoint to resume from (None = fresh); a fresh start in a used out_dir needs overwrite=True."
     if config.resume == 'latest':
@@ -518,10 +622,6 @@ def train(model: nn.Module, train_dataset, collate_fn: Callable | None, loss_fn:
         warnings.warn("mixed_precision='fp16' needs a GPU; on the CPU accelerate trains in fp32 (use 'bf16' or 'no')")
     set_seed(config.seed)
     out = Path(config.out_dir) if config.out_dir else None
-    if accelerator.distributed_type == DistributedType.FSDP and out is not None:  # untested on GPUs: see nbs/multi_gpu.qmd
-        raise NotImplementedError("train under FSDP cannot write checkpoints yet: they would hold each process's shard "
-                                  "of the weights and optimizer state, not the model. Use DDP (the whole model on "
-                                  "each GPU, e.g. configs/accelerate/one_node_8gpu.yaml), or out_dir='' (no checkpoints)")
     resume_path = _resume_from(config, out, accelerator)
     try: n_items = len(train_dataset)
     except TypeError: raise TypeError("train_dataset must be a map-style dataset (len and integer indexing) so that "
@@ -536,6 +636,9 @@ def train(model: nn.Module, train_dataset, collate_fn: Callable | None, loss_fn:
     worker_rng = torch.Generator()  # the loader's own generator: it never draws from the global one
     train_dl = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_fn,
                           num_workers=config.num_workers, generator=worker_rng)
+    fsdp = _is_fsdp(accelerator)
+    if fsdp and accelerator.num_processes > 1: _same_start(model, accelerator.device)  # e.g. LoRA drawn per process
+    before = _module_snapshot(model) if fsdp else None  # FSDP2 shards `model` in place; undone when training ends
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     val_dl = val_weights = None
     if val_dataset is not None:  # sharded here, not by accelerate: see "Validation loss"
@@ -563,9 +666,7 @@ def train(model: nn.Module, train_dataset, collate_fn: Callable | None, loss_fn:
     if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out/'config.json', asdict(config))
-        tmp = out/'.tmp-history.jsonl'
-        tmp.write_text(''.join(json.dumps(r) + '\n' for r in history))
-        os.replace(tmp, out/'history.jsonl')
+        atomic_write(lambda p: p.write_text(''.join(json.dumps(r) + '\n' for r in history)), out/'history.jsonl')
 
     trainable = [p for g in optimizer.param_groups for p in g['params']]
     bar = tqdm(total=total, initial=step, desc='train', disable=not (config.progress and main), mininterval=0.5)
@@ -594,6 +695,7 @@ def train(model: nn.Module, train_dataset, collate_fn: Callable | None, loss_fn:
                 if not last: continue
 
                 grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
+                if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()  # FSDP: a DTensor of the shards' parts
                 lr = optimizer.param_groups[0]['lr']
                 optimizer.step()
                 if not optimizer.step_was_skipped: scheduler.step()  # fp16 skips steps whose gradient overflowed
@@ -622,5 +724,6 @@ def train(model: nn.Module, train_dataset, collate_fn: Callable | None, loss_fn:
                 sums = {}
                 if step >= total: break
     finally: bar.close()
+    if fsdp: _fsdp_to_plain(model, before, accelerator.device)  # the whole weights, as ordinary tensors, in every process
     return TrainResult(accelerator.unwrap_model(model, keep_fp32_wrapper=False), history, step, total, checkpoint,
                        resume_path, accelerator.mixed_precision, time.time() - t0)
