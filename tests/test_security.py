@@ -4,6 +4,7 @@ when on); and the paths a run writes to stay inside its output folder, whatever 
 import argparse
 import ast
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,14 @@ def test_run_artifacts_are_safetensors_and_json_only(tiny_run):
         kinds.setdefault(top, set()).add(p.suffix)
     for folder in ('stages', 'train', 'cache', 'models'):  # each kind of artifact was there to be checked
         assert '.safetensors' in kinds.get(folder, set()) and '.json' in kinds[folder], (folder, kinds)
+
+
+def test_run_files_have_the_umasks_permissions(tiny_run):
+    """Every file of the run is readable as the umask allows (0666 less the umask), like any file the user writes:
+    safetensors creates its files 0600, which `tpad.data.atomic_write` and the checkpoint writer correct."""
+    mask = os.umask(0o022); os.umask(mask)
+    files = [p for p in tiny_run['files'] if tiny_run['out'] in p.parents]
+    wrong = {str(p.relative_to(tiny_run['out'])): oct(p.stat().st_mode & 0o777) for p in files
+             if p.stat().st_mode & 0o777 != 0o666 & ~mask}
+    assert not wrong, f'files whose permissions are not {oct(0o666 & ~mask)}: {dict(list(wrong.items())[:8])} ({len(wrong)} in all)'
+    assert any(p.suffix == '.safetensors' and 'checkpoint-' in str(p) for p in files)  # checkpoints were among them
