@@ -23,3 +23,41 @@ def finish(proc):
     "Wait for `proc`; fail with the end of its output if it did not exit cleanly."
     proc.wait(timeout=TIMEOUT)
     assert proc.returncode == 0, f'job exited with {proc.returncode}:\n{tail(proc)}'
+
+
+def free_port() -> int:
+    "A TCP port nobody listens on now (for `accelerate launch --main_process_port`)."
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_launched(job: Path, out_dir, args, processes: int = 1, config: Path | None = None, launch=(), flags=(),
+                 env=None) -> float:
+    """Run `python job out_dir *args` in one plain process, or under `accelerate launch --config_file config` on
+    `processes` CPU processes (gloo, fp32; `launch`: more launcher options, `flags`: the job's options under the
+    launcher only); fail with its output, which goes to out_dir/job.log; the seconds it took."""
+    import os, time
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM='false', **(env or {}))
+    if processes == 1: cmd = [sys.executable, str(job), str(out_dir), *map(str, args)]
+    else:
+        env['ACCELERATE_USE_CPU'] = '1'
+        cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file', str(config),
+               '--num_processes', str(processes), '--num_machines', '1', '--mixed_precision', 'no',
+               '--main_process_port', str(free_port()), *launch, str(job), str(out_dir), *map(str, args), *flags]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    (out_dir / 'job.log').write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f'job exited with {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}'
+    return time.time() - t0
+
+
+def cut_back(run_dir, to, last_step: int) -> Path:
+    "A copy of the training run folder `run_dir` as if stopped before its last checkpoint: checkpoint-<last_step> removed."
+    import shutil
+    shutil.copytree(run_dir, to)
+    shutil.rmtree(Path(to) / f'checkpoint-{last_step}')
+    return Path(to)

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -49,40 +48,16 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / 'tests' / '_accelerate_job.py'
 CONFIGS = ROOT / 'configs' / 'accelerate'
+sys.path.insert(0, str(ROOT / 'tests'))
+from _jobs import cut_back, free_port, run_launched  # noqa: E402
 TOL = 1e-6  # relative; see the module docstring
 STAGE1_STEPS, STAGE2_STEPS, ALIGN_STEPS, ALIGN_ITEMS, BATCH, N_ITEMS = 4, 3, 3, 64, 8, 600
 TIMEOUT = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def run_job(out_dir, *args, processes: int = 1):
-    "Run `_accelerate_job.py out_dir *args` in one plain process or under `accelerate launch`; fail with its output."
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM='false')
-    if processes == 1: cmd = [sys.executable, str(JOB), str(out_dir), *map(str, args)]
-    else:  # the documented one-node DDP config, on `processes` CPU processes (gloo), in fp32
-        env['ACCELERATE_USE_CPU'] = '1'
-        cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file', str(CONFIGS / 'one_node_8gpu.yaml'),
-               '--num_processes', str(processes), '--num_machines', '1', '--mixed_precision', 'no',
-               '--main_process_port', str(_free_port()), str(JOB), str(out_dir), *map(str, args)]
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    (out_dir / 'job.log').write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, f'job exited with {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}'
-    return time.time() - t0
-
-
-def cut_back(run_dir, to) -> Path:
-    "A copy of the Stage 1 run folder `run_dir` as if killed after checkpoint-2: its newest checkpoint removed."
-    shutil.copytree(run_dir, to)
-    shutil.rmtree(Path(to) / f'checkpoint-{STAGE1_STEPS}')
-    return Path(to)
+def run_job(out_dir, *args, processes: int = 1) -> float:
+    "Run `_accelerate_job.py out_dir *args` in one process or under the documented one-node DDP config, cut to `processes`."
+    return run_launched(JOB, out_dir, args, processes, CONFIGS / 'one_node_8gpu.yaml')
 
 
 @pytest.fixture(scope='module')
@@ -93,8 +68,8 @@ def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp('accelerate')
     one, two, back = root / 'one', root / 'two', root / 'back'
     seconds = dict(one=run_job(one, '--accum', 2))  # first: also builds the tiny model, if it is not cached yet
-    seconds['two'] = run_job(two, '--accum', 1, '--resume', cut_back(one / 'stage1', root / 'one-cut'), processes=2)
-    seconds['back'] = run_job(back, '--accum', 2, '--stages', '', '--resume', cut_back(two / 'stage1', root / 'two-cut'))
+    seconds['two'] = run_job(two, '--accum', 1, '--resume', cut_back(one / 'stage1', root / 'one-cut', STAGE1_STEPS), processes=2)
+    seconds['back'] = run_job(back, '--accum', 2, '--stages', '', '--resume', cut_back(two / 'stage1', root / 'two-cut', STAGE1_STEPS))
     print(f'job seconds: {seconds}')
     yield dict(one=one, two=two, back=back, one_cut=root / 'one-cut', two_cut=root / 'two-cut')
     if request.session.testsfailed == failed: shutil.rmtree(root)  # kept when a test failed
@@ -228,7 +203,7 @@ def test_tpad_run_two_processes(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM='false', ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file', str(CONFIGS / 'one_node_8gpu.yaml'),
            '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no', '--main_process_port',
-           str(_free_port()), tpad, 'run', '--preset', 'toyshop-smoke', '--models', 'srgnn,tpad', '--out', str(out),
+           str(free_port()), tpad, 'run', '--preset', 'toyshop-smoke', '--models', 'srgnn,tpad', '--out', str(out),
            '--figures', 'none', '--stage1.train.max_steps', '2', '--stage2.train.max_steps', '2',
            '--align.train.max_steps', '2', '--fit.max_train_samples', '300']
     t0 = time.time()

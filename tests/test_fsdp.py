@@ -38,12 +38,8 @@ Time: the three jobs take about 10 s (1 process), 20 s (FSDP, 2 processes) and 9
 """
 import json
 import math
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -55,41 +51,16 @@ from tpad.train import load_tree
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / 'tests' / '_fsdp_job.py'
 CONFIG = ROOT / 'configs' / 'accelerate' / 'fsdp_8gpu.yaml'
+sys.path.insert(0, str(ROOT / 'tests'))
+from _jobs import cut_back, run_launched  # noqa: E402
 TOL = 1e-6  # relative; see the module docstring
 ACCUM_TOL = 1e-5  # relative to each tensor's largest value, for the run that accumulates under FSDP (docstring)
 STEPS, AGAIN_STEPS, BATCH, N_FEATURES, LORA_WEIGHTS = 4, 2, 8, 40, 16  # LORA_WEIGHTS: the knowledge adapter's A and B of 8 layers
-TIMEOUT = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def run_job(out_dir, *args, processes: int = 1, launch: tuple = ()) -> float:
-    "Run `_fsdp_job.py out_dir *args` in one plain process, or under `accelerate launch` with FSDP2 forced; fail with its output."
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM='false', OMP_NUM_THREADS='1')
-    if processes == 1: cmd = [sys.executable, str(JOB), str(out_dir), *map(str, args)]
-    else:  # the shipped FSDP config on `processes` CPU processes (gloo), in fp32; the job forces FSDP2 (docstring)
-        env['ACCELERATE_USE_CPU'] = '1'
-        cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file', str(CONFIG),
-               '--num_processes', str(processes), '--num_machines', '1', '--mixed_precision', 'no',
-               '--main_process_port', str(_free_port()), *launch, str(JOB), str(out_dir), *map(str, args), '--fsdp']
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    (out_dir / 'job.log').write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, f'job exited with {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}'
-    return time.time() - t0
-
-
-def cut_back(run_dir, to) -> Path:
-    "A copy of the Stage 1 run folder `run_dir` as if stopped after checkpoint-2: its newest checkpoint removed."
-    shutil.copytree(run_dir, to)
-    shutil.rmtree(Path(to) / f'checkpoint-{STEPS}')
-    return Path(to)
+    "Run `_fsdp_job.py out_dir *args` in one process, or under the shipped FSDP config on `processes` with FSDP2 forced."
+    return run_launched(JOB, out_dir, args, processes, CONFIG, launch=launch, flags=('--fsdp',), env=dict(OMP_NUM_THREADS='1'))
 
 
 @pytest.fixture(scope='module')
@@ -100,8 +71,8 @@ def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp('fsdp')
     one, fsdp, back = root / 'one', root / 'fsdp', root / 'back'
     seconds = dict(one=run_job(one, '--accum', 2))
-    seconds['fsdp'] = run_job(fsdp, '--accum', 1, '--resume', cut_back(one / 'stage1', root / 'one-cut'), processes=2)
-    seconds['back'] = run_job(back, '--accum', 2, '--stages', '', '--resume', cut_back(fsdp / 'stage1', root / 'fsdp-cut'))
+    seconds['fsdp'] = run_job(fsdp, '--accum', 1, '--resume', cut_back(one / 'stage1', root / 'one-cut', STEPS), processes=2)
+    seconds['back'] = run_job(back, '--accum', 2, '--stages', '', '--resume', cut_back(fsdp / 'stage1', root / 'fsdp-cut', STEPS))
     print(f'job seconds: {seconds}')
     yield dict(one=one, fsdp=fsdp, back=back, one_cut=root / 'one-cut', fsdp_cut=root / 'fsdp-cut')
     if request.session.testsfailed == failed: shutil.rmtree(root)  # kept when a test failed
