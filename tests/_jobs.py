@@ -1,4 +1,6 @@
-"Subprocess jobs of the fault tests: start a script from tests/ with its output in a log, wait for it, show its end."
+"Subprocess jobs of the tests (faults, accelerate, FSDP): start or launch a script from tests/, wait for it, read and compare what it wrote."
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +63,25 @@ def cut_back(run_dir, to, last_step: int) -> Path:
     shutil.copytree(run_dir, to)
     shutil.rmtree(Path(to) / f'checkpoint-{last_step}')
     return Path(to)
+
+
+def rank_info(out_dir) -> list[dict]:
+    "The `rank-<index>.json` that each process of a job wrote, in process order."
+    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob('rank-*.json'))]
+
+
+def history(run_dir) -> list[dict]:
+    "The rows of a training run's `history.jsonl`."
+    return [json.loads(line) for line in (Path(run_dir) / 'history.jsonl').read_text().splitlines() if line.strip()]
+
+
+def assert_same_history(a: list, b: list, steps: int, tol: float = 1e-6) -> str:
+    "Rows of steps 1..`steps` with the same logged names, every number within `tol` (relative); the largest difference per name."
+    assert [r['step'] for r in a] == [r['step'] for r in b] == list(range(1, steps + 1))
+    worst = {}
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys(), (ra.keys(), rb.keys())
+        for k in ra:
+            assert math.isclose(ra[k], rb[k], rel_tol=tol, abs_tol=1e-12), f"step {ra['step']} {k}: {ra[k]} vs {rb[k]}"
+            worst[k] = max(worst.get(k, 0.0), abs(ra[k] - rb[k]) / max(abs(ra[k]), 1e-12))
+    return ', '.join(f'{k} {v:.2g}' for k, v in worst.items() if k not in ('step', 'epoch'))

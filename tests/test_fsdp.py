@@ -37,7 +37,6 @@ the update: measured, the weights differ by up to 6.7e-8 (6e-7 of the largest we
 Time: the three jobs take about 10 s (1 process), 20 s (FSDP, 2 processes) and 9 s (1 process) on 2 loaded CPU cores.
 """
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -52,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / 'tests' / '_fsdp_job.py'
 CONFIG = ROOT / 'configs' / 'accelerate' / 'fsdp_8gpu.yaml'
 sys.path.insert(0, str(ROOT / 'tests'))
-from _jobs import cut_back, run_launched  # noqa: E402
+from _jobs import assert_same_history, cut_back, history, rank_info, run_launched  # noqa: E402
 TOL = 1e-6  # relative; see the module docstring
 ACCUM_TOL = 1e-5  # relative to each tensor's largest value, for the run that accumulates under FSDP (docstring)
 STEPS, AGAIN_STEPS, BATCH, N_FEATURES, LORA_WEIGHTS = 4, 2, 8, 40, 16  # LORA_WEIGHTS: the knowledge adapter's A and B of 8 layers
@@ -76,26 +75,6 @@ def runs(tmp_path_factory, request):
     print(f'job seconds: {seconds}')
     yield dict(one=one, fsdp=fsdp, back=back, one_cut=root / 'one-cut', fsdp_cut=root / 'fsdp-cut')
     if request.session.testsfailed == failed: shutil.rmtree(root)  # kept when a test failed
-
-
-def rank_info(out_dir) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob('rank-*.json'))]
-
-
-def history(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / 'history.jsonl').read_text().splitlines() if line.strip()]
-
-
-def assert_same_history(a: list, b: list, steps: int) -> str:
-    "Rows of the same steps with the same logged names, every number within TOL (relative); the largest difference per name."
-    assert [r['step'] for r in a] == [r['step'] for r in b] == list(range(1, steps + 1))
-    worst = {}
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys(), (ra.keys(), rb.keys())
-        for k in ra:
-            assert math.isclose(ra[k], rb[k], rel_tol=TOL, abs_tol=1e-12), f"step {ra['step']} {k}: {ra[k]} vs {rb[k]}"
-            worst[k] = max(worst.get(k, 0.0), abs(ra[k] - rb[k]) / max(abs(ra[k]), 1e-12))
-    return ', '.join(f'{k} {v:.2g}' for k, v in worst.items() if k not in ('step', 'epoch'))
 
 
 def assert_same_tensors(a: dict, b: dict, tol: float = TOL) -> float:
