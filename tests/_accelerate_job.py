@@ -18,7 +18,7 @@ Every process runs the same code, as a user's script would under `accelerate lau
   h^K, e^LLM) in OUT_DIR/cache2b; needs `features` and `stage2`.
 
 Each process writes OUT_DIR/rank-<index>.json: its index, the number of processes, how many samples it ran through
-the model in each phase (while extracting: its shard), where the resumed run started, the warnings it saw and, after
+the model in each phase (while extracting: its shard), whether the model was sharded (FSDP) while it trained, where the resumed run started, the warnings it saw and, after
 Stage 2b, its before/after numbers and a hash of its CLUB network q (which DDP does not synchronise).
 """
 import argparse
@@ -47,7 +47,11 @@ def main(argv=None):
     ap.add_argument('--stages', default='stage1,features,stage2,stage2b',
                     help='comma-separated: stage1, features, stage2, stage2b')
     ap.add_argument('--resume', default='', help='first continue the Stage 1 run in this folder from its newest checkpoint')
+    ap.add_argument('--fsdp', action='store_true', help='force FSDP2 (under accelerate launch on the CPU; see _fsdp_job.py)')
     args = ap.parse_args(argv)
+    if args.fsdp:
+        from _fsdp_job import force_fsdp2  # (tests/ is on the path: it is this script's folder)
+        force_fsdp2()
     stages = set(args.stages.split(',')) - {''}
     out = Path(args.out_dir)
 
@@ -57,8 +61,11 @@ def main(argv=None):
     phase = ['resume']
     last_hidden = mllm._last_hidden
 
+    sharded = {}  # per training phase: whether the MLLM's weights were FSDP's DTensors (sharded) while it trained
+
     def counting(model, inputs):  # every forward pass of the MLLM goes through here: count this process's samples
         if phase[0] == 'extract' or model.training: rows[phase[0]] += int(inputs['input_ids'].shape[0])  # no validation
+        if model.training: sharded[phase[0]] = any(type(p).__name__ == 'DTensor' for p in model.parameters())
         return last_hidden(model, inputs)
     mllm._last_hidden = counting
 
@@ -114,7 +121,7 @@ def main(argv=None):
             stage2b = dict(before=r3.before, after=r3.after, q=hashlib.sha256(q).hexdigest(), steps=r3.train.step)
             print(f'[rank {rank}/{world}] stage2b: step {r3.train.step}', flush=True)
     (out / f'rank-{rank}.json').write_text(json.dumps(dict(
-        rank=rank, world=world, rows=rows, resumed_from=resumed_from, stage2b=stage2b,
+        rank=rank, world=world, rows=rows, sharded=sharded, resumed_from=resumed_from, stage2b=stage2b,
         warnings=[str(w.message) for w in seen]), indent=1))
 
 

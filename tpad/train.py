@@ -515,13 +515,28 @@ def _enable_gradient_checkpointing(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _same_start(model: nn.Module, device):
-    "Give every process process 0's trainable weights (DDP does this when it wraps the model; FSDP2 does not)."
-    for p in trainable_parameters(model).values():
+def _same_start(model: nn.Module, device, everything: bool = False):
+    "Give every process process 0's trainable weights (`everything`: all weights and buffers); DDP does this when it wraps the model, FSDP2 does not."
+    tensors = [*model.parameters(), *model.buffers()] if everything else list(trainable_parameters(model).values())
+    if everything and (meta := [n for n, p in model.named_parameters() if p.device.type == 'meta']):
+        raise RuntimeError(f"{len(meta)} weights of this process are not loaded (e.g. {meta[0]}): a model with parts that "
+                           "FSDP must leave whole (CLUB's q in Stage 2b) needs the whole model loaded in every process")
+    for p in tensors:
         if p.device.type == 'meta': continue  # not loaded here: FSDP fills it from process 0 itself
         t = p.data.to(device)  # NCCL broadcasts GPU tensors only
         torch.distributed.broadcast(t, src=0)
         if t is not p.data: p.data.copy_(t)
+
+
+def _fsdp_whole_modules(model: nn.Module, device) -> list[nn.Module]:
+    "The submodules whose parameters `model` asks DDP to leave alone (e.g. CLUB's q, fitted alike in every process), on `device`: FSDP leaves them whole too."
+    names = set(getattr(model, '_ddp_params_and_buffers_to_ignore', ()))
+    found = []
+    for prefix, m in model.named_modules():
+        params = [f'{prefix}.{n}' if prefix else n for n, _ in m.named_parameters()]
+        if prefix and params and all(p in names for p in params) and not any(prefix.startswith(f + '.') for f, _ in found):
+            found.append((prefix, m.to(device)))
+    return [m for _, m in found]
 
 
 _HOOKS = re.compile(r'.*_hooks($|_)')  # nn.Module's hook dicts: _forward_pre_hooks, _forward_hooks_with_kwargs, ...
@@ -637,7 +652,14 @@ def train(model: nn.Module, train_dataset, collate_fn: Callable | None, loss_fn:
     train_dl = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_fn,
                           num_workers=config.num_workers, generator=worker_rng)
     fsdp = _is_fsdp(accelerator)
-    if fsdp and accelerator.num_processes > 1: _same_start(model, accelerator.device)  # e.g. LoRA drawn per process
+    if fsdp:
+        plugin = accelerator.state.fsdp_plugin
+        plugin.ignored_modules = _fsdp_whole_modules(model, accelerator.device) or None
+        # accelerate's loading of process 0's weights (cpu_ram_efficient_loading) resets parts FSDP leaves whole at
+        # every step (measured: CLUB's q): with such parts, every process takes all of process 0's weights here instead
+        whole_start = plugin.ignored_modules is not None and plugin.cpu_ram_efficient_loading
+        if whole_start: plugin.cpu_ram_efficient_loading = False
+        if accelerator.num_processes > 1: _same_start(model, accelerator.device, everything=whole_start)  # e.g. LoRA drawn per process
     before = _module_snapshot(model) if fsdp else None  # FSDP2 shards `model` in place; undone when training ends
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     val_dl = val_weights = None
@@ -694,7 +716,10 @@ def train(model: nn.Module, train_dataset, collate_fn: Callable | None, loss_fn:
                 for name, v in {'loss': loss, **terms}.items(): sums[name] = sums.get(name, 0.0) + _as_float(v) / size
                 if not last: continue
 
-                grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
+                if fsdp:  # accelerate's clip_grad_norm_ compares `trainable` with the model's parameters element-wise,
+                    accelerator.unscale_gradients()  # which fails on sharded ones of other shapes (full fine-tuning)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
+                else: grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
                 if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()  # FSDP: a DTensor of the shards' parts
                 lr = optimizer.param_groups[0]['lr']
                 optimizer.step()
