@@ -396,6 +396,7 @@ def _write_error(e: BaseException, path) -> OSError:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name != 'posix': return True  # signal 0 probes a process only on POSIX (on Windows os.kill terminates it)
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
     except PermissionError: return True  # someone else's process
