@@ -158,7 +158,6 @@ def save_features(path, features: Tensor, key: dict, item_ids) -> Path:
     "Write `features` (safetensors) and its JSON sidecar (key, item ids) atomically; under several processes only the main one writes."
     path = Path(path)
     if process_layout()[0] != 0: return path  # the same features are in every process: one writer
-    path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = path.with_suffix('.json')
     if sidecar.exists(): sidecar.unlink()  # the sidecar is the seal: without it the tensor is never trusted
     atomic_write(lambda p: save_file({'features': features.contiguous()}, str(p)), path)

@@ -719,8 +719,8 @@ def train(model: nn.Module, train_dataset, collate_fn: Callable | None, loss_fn:
                 if fsdp:  # accelerate's clip_grad_norm_ compares `trainable` with the model's parameters element-wise,
                     accelerator.unscale_gradients()  # which fails on sharded ones of other shapes (full fine-tuning)
                     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
+                    if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()  # a DTensor of the shards' parts
                 else: grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
-                if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()  # FSDP: a DTensor of the shards' parts
                 lr = optimizer.param_groups[0]['lr']
                 optimizer.step()
                 if not optimizer.step_was_skipped: scheduler.step()  # fp16 skips steps whose gradient overflowed
