@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .data import atomic_write
-from .metrics import StreamingEvaluator, streaming_target_ranks
+from .metrics import StreamingEvaluator, streaming_target_ranks, target_ranks, metrics_from_ranks
 from .preprocess import Prepared, Samples, collate_prefixes, prefix_loader
 
 # %% auto #0
@@ -323,8 +323,8 @@ def _to(batch: dict, device) -> dict:
 
 
 def score_samples(model: Callable, samples: Samples, ks=(5, 10, 20), batch_size: int = 500, n_items: int | None = None,
-                  item_chunk: int = 0) -> dict:
-    "HR/MRR/NDCG@K of `model` on `samples`, streamed batch by batch (no gradients, eval mode restored after)."
+                  item_chunk: int = 0, ranks: list | None = None) -> dict:
+    "HR/MRR/NDCG@K of `model` on `samples`, streamed batch by batch (no gradients, eval mode restored after); `ranks`, a list, gets each batch's target ranks."
     ev = StreamingEvaluator(ks)
     training = model.training if isinstance(model, nn.Module) else None
     if training: model.eval()
@@ -337,33 +337,38 @@ def score_samples(model: Callable, samples: Samples, ks=(5, 10, 20), batch_size:
             for batch in prefix_loader(samples, batch_size=batch_size):
                 if stream:
                     b = _to(batch, device)
-                    ev.update_ranks(streaming_target_ranks(model._encode(b, table), table[1:], b['targets'] - 1,
-                                                           batch_size=len(b['targets']), item_chunk=item_chunk))
-                    continue
-                scores = model(_to(batch, device))
-                if not (isinstance(scores, (Tensor, np.ndarray)) and scores.ndim == 2 and scores.shape[0] == len(batch['targets'])
-                        and (n_items is None or scores.shape[1] == n_items)):
-                    raise ValueError(f"{type(model).__name__} returned scores of shape {tuple(getattr(scores, 'shape', ()))} "
-                                     f"for a batch of {len(batch['targets'])}; expected [{len(batch['targets'])}, "
-                                     f"{n_items or 'n_items'}] (column j = item index j + 1)")
-                ev.update(scores, batch['targets'].to(scores.device if isinstance(scores, Tensor) else 'cpu') - 1)
-                del scores  # else the previous batch's [batch, n_items] scores live on while the next are computed
+                    r = streaming_target_ranks(model._encode(b, table), table[1:], b['targets'] - 1,
+                                               batch_size=len(b['targets']), item_chunk=item_chunk)
+                else:
+                    scores = model(_to(batch, device))
+                    if not (isinstance(scores, (Tensor, np.ndarray)) and scores.ndim == 2 and scores.shape[0] == len(batch['targets'])
+                            and (n_items is None or scores.shape[1] == n_items)):
+                        raise ValueError(f"{type(model).__name__} returned scores of shape {tuple(getattr(scores, 'shape', ()))} "
+                                         f"for a batch of {len(batch['targets'])}; expected [{len(batch['targets'])}, "
+                                         f"{n_items or 'n_items'}] (column j = item index j + 1)")
+                    r = target_ranks(scores, batch['targets'].to(scores.device if isinstance(scores, Tensor) else 'cpu') - 1)
+                    del scores  # else the previous batch's [batch, n_items] scores live on while the next are computed
+                ev.update_ranks(r)
+                if ranks is not None: ranks.append(r.cpu())
     finally:
         if training: model.train()
     return ev.compute()
 
 
 def evaluate_model(model: Callable, prepared: Prepared, split: str = 'test', ks=(5, 10, 20), batch_size: int = 500,
-                   item_chunk: int = 0) -> dict:
-    "Full-catalogue metrics of any recommender on a split: 'overall' (standard protocol), 'cold' (unseen targets), 'n'."
+                   item_chunk: int = 0, ranks: bool = False) -> dict:
+    "Full-catalogue metrics of any recommender on a split: 'overall' (standard protocol), 'cold' (unseen targets), 'n'; with `ranks`, each sample's target rank too."
     if split not in prepared.samples:
         raise KeyError(f"no split {split!r}; splits: {list(prepared.samples)}")
     samples, cold = prepared.samples[split], prepared.cold.get(split)
     if not len(samples): raise ValueError(f"{prepared.name}: the {split!r} split has no samples to evaluate")
     n_cold = 0 if cold is None else len(cold)
-    return dict(overall=score_samples(model, samples, ks, batch_size, prepared.n_items, item_chunk),
-                cold=score_samples(model, cold, ks, batch_size, prepared.n_items, item_chunk) if n_cold else None,
-                n=dict(overall=len(samples), cold=n_cold))
+    kept = {'overall': [], 'cold': []} if ranks else {}
+    result = dict(overall=score_samples(model, samples, ks, batch_size, prepared.n_items, item_chunk, kept.get('overall')),
+                  cold=score_samples(model, cold, ks, batch_size, prepared.n_items, item_chunk, kept.get('cold')) if n_cold else None,
+                  n=dict(overall=len(samples), cold=n_cold))
+    if ranks: result['ranks'] = {k: torch.cat(v) if v else None for k, v in kept.items()}  # in the order of the split's samples
+    return result
 
 # %% ../nbs/07_msbr.ipynb #90d349e4
 @dataclass
