@@ -66,7 +66,8 @@ def test_run_every_row_end_to_end(tmp_path):
     summary = json.loads((tmp_path / 'all' / 'summary.json').read_text())
     assert {'stage1', 'stage2', 'align-full', 'align-no_mi', 'align-no_disentangle', 'align-no_gen'} <= set(summary['stages'])
     md = (tmp_path / 'all' / 'results.md').read_text()
-    rows = [l.split('|')[1].strip() for l in md.splitlines() if l.startswith('| ') and not l.startswith('| model')]
+    table = md.split('\n\n')[2]  # the title, the protocol, then the table
+    rows = [l.split('|')[1].strip() for l in table.splitlines() if l.startswith('| ') and not l.startswith('| model')]
     expected = ['Pop', 'item-kNN', 'S-kNN', 'GRU4Rec', 'SR-GNN', 'SASRec', 'MSBR + plain pre-trained features',
                 'MSBR + Knowledge-MLLM features (Stage 1)', 'MSBR + Transfer-MLLM features (Stage 2a)', 'TPAD',
                 'TPAD w/o MI alignment', 'TPAD w/o disentanglement', 'TPAD w/o generation task']

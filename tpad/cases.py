@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .metrics import target_ranks
 from .msbr import load_msbr
-from .data import atomic_write
+from .data import atomic_write, stage_folder
 from .preprocess import Prepared, Samples, collate_prefixes, load_image, prefix_loader
 
 # %% auto #0
@@ -87,10 +87,10 @@ RUN_MODELS = {
 NOT_SAVED = {'pop': 'Pop', 'item_knn': 'item-kNN', 'sknn': 'S-kNN', 'msbr_plain': 'MSBR + plain pre-trained features'}
 
 
-def run_features(run_dir, stage: str, items: pd.DataFrame, prepared: Prepared) -> Tensor:
+def run_features(run_dir, stage: str, items: pd.DataFrame, prepared: Prepared, seed: int = 0) -> Tensor:
     "The `features` of stage `stage` of a `tpad run` folder, in `prepared`'s item-index order (as `tpad run` trains on them)."
     from tpad.stage2 import align_features  # imports the MLLM code: only when features are needed
-    folder = Path(run_dir) / 'stages' / stage
+    folder = stage_folder(run_dir, stage, seed)
     data, seal = folder / 'outputs.safetensors', folder / 'stage.json'
     if not data.is_file(): raise FileNotFoundError(f'{data}: no such file; the run did not produce stage {stage!r}')
     if not seal.is_file(): raise FileNotFoundError(f'{seal}: no such file; stage {stage!r} did not finish, its outputs are not trusted')
@@ -117,7 +117,7 @@ def load_run_models(run_dir, prepared: Prepared, items: pd.DataFrame, keys=('srg
             saved = sorted(p.name for p in (run_dir / 'models').glob('*-seed*')) if (run_dir / 'models').is_dir() else []
             raise FileNotFoundError(f'{folder / "model.json"}: no saved model for {key!r} with seed {seed} in this run '
                                     f'(models saved here: {saved or "none"})')
-        if stage is not None and stage not in features: features[stage] = run_features(run_dir, stage, items, prepared)
+        if stage is not None and stage not in features: features[stage] = run_features(run_dir, stage, items, prepared, seed)
         models[name] = load_msbr(folder, features=features.get(stage))
     return models
 

@@ -23,7 +23,7 @@ import pandas as pd
 __all__ = ['ITEM_COLUMNS', 'INTERACTION_COLUMNS', 'LOADERS', 'FORMAT_MODULES', 'DataFormatError', 'Report', 'read_table',
            'to_number', 'to_seconds', 'SessionData', 'check_items', 'items_from_interactions', 'sessionize', 'loader',
            'load', 'check_ids', 'resolve_images', 'load_csv', 'load_diginetica', 'load_yoochoose', 'shared_data_dir',
-           'atomic_write']
+           'atomic_write', 'stage_folder']
 
 # %% ../nbs/00_data.ipynb #2b9f82bf
 class DataFormatError(ValueError):
@@ -433,3 +433,8 @@ def atomic_write(write: Callable[[Path], object], path) -> Path:
         if isinstance(e, OSError) or type(e).__name__ == 'SafetensorError': raise _write_error(e, path) from e
         raise
     return path
+
+# %% ../nbs/00_data.ipynb #c6303402
+def stage_folder(run_dir, name: str, seed: int = 0) -> Path:
+    "Where a `tpad run` folder keeps the outputs of stage `name` run with pipeline seed `seed`."
+    return Path(run_dir) / 'stages' / (name if seed == 0 else f'{name}-seed{seed}')

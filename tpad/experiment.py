@@ -27,23 +27,27 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import FORMAT_MODULES, LOADERS, SessionData, atomic_write, load
+from .data import FORMAT_MODULES, LOADERS, SessionData, atomic_write, load, stage_folder
 from .preprocess import Prepared, PreprocessConfig, preprocess, report_table
 from .mllm import MLLMConfig, add_adapters, corpus_texts, every_process, load_mllm, process_layout, wait_for_everyone
 from .stage1 import Stage1Config, knowledge_features, tiny_stage1_config, train_knowledge
 from .stage2 import Stage2Config, align_features, tiny_stage2_config, train_transfer, transfer_features
 from .align import ABLATIONS, AlignConfig, AlignModel, ablation, heads_output, stage2b, tiny_align_config
 from .msbr import MSBR, FitConfig, MSBRConfig, evaluate_model, fit
+from .metrics import METRICS
+from .stats import compare_to, mean_interval
 from . import baselines
 from .viz import VizConfig, plot_run_alignment
 from .cases import CaseConfig, load_run_models, plot_run_cases
 from .viz_data import category_transitions, item_grid, session_length_plot, transition_heatmap
 
 # %% auto #0
-__all__ = ['DERIVED', 'ID_ONLY', 'PRESETS', 'DATA_SOURCES', 'MIN_FREE_MB', 'MODELS', 'TABLE_METRICS', 'FIGURES', 'RunConfig',
-           'make_config', 'config_arguments', 'config_from_args', 'check_out_dir', 'digest', 'save_stage', 'load_stage',
-           'model_keys', 'has_content', 'run_stages', 'fit_and_score', 'results_table', 'markdown_table',
-           'protocol_text', 'run_figures', 'run', 'main']
+__all__ = ['DERIVED', 'ID_ONLY', 'PRESETS', 'DATA_SOURCES', 'STAGE_SEEDS', 'MIN_FREE_MB', 'MODELS', 'TABLE_METRICS', 'MARKED',
+           'ID_ONLY_KEYS', 'CLAIMS', 'CLAIM_METRIC', 'FIGURES', 'EVIDENCE_FILES', 'EVIDENCE_COLUMNS', 'EVIDENCE_URL',
+           'RunConfig', 'make_config', 'config_arguments', 'config_from_args', 'run_seeds', 'seeded', 'check_out_dir',
+           'digest', 'save_stage', 'load_stage', 'model_keys', 'has_content', 'run_stages', 'fit_and_score',
+           'results_table', 'intervals_table', 'markdown_table', 'per_sample', 'paired_tests', 'claims', 'claims_text',
+           'protocol_text', 'run_figures', 'run', 'evidence_link', 'evidence_markdown', 'main']
 
 # %% ../nbs/09_experiment.ipynb #a68db625
 @dataclass
@@ -53,7 +57,12 @@ class RunConfig:
     dataset: str = field(default='toyshop', metadata={'help': 'dataset format for tpad.data.load'})
     path: str = field(default='', metadata={'help': "dataset folder or file ('' = the bundled toyshop)"})
     out: str = field(default='runs/toyshop-tiny', metadata={'help': 'output folder of the run'})
-    seeds: int = field(default=1, metadata={'help': 'seeds per model (0, 1, ...): the table shows mean ± std over them'})
+    seeds: int = field(default=1, metadata={'help': 'pipeline seeds 0..seeds-1: each reruns Stages 1, 2a, 2b and every recommender; the table shows mean ± std over them'})
+    seed_list: str = field(default='', metadata={'help': "comma-separated pipeline seeds (e.g. '0,4,7') instead of 0..seeds-1"})
+    fixed_stages: bool = field(default=False, metadata={'help': 'run the MLLM stages once (first seed) and vary only the recommenders with the seed'})
+    significance: str = field(default='bootstrap', metadata={'help': "paired test of TPAD against every other row: 'bootstrap' (over test sessions), 'wilcoxon' (per sample), 'none'"})
+    alpha: float = field(default=0.05, metadata={'help': 'significance level of the table marks and the claims (Holm-corrected)'})
+    n_boot: int = field(default=5000, metadata={'help': 'bootstrap resamples of the paired test'})
     models: str = field(default='all', metadata={'help': "comma-separated rows of the table (keys of MODELS), or 'all'"})
     progress: bool = field(default=True, metadata={'help': 'progress bars for the training loops'})
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig,
@@ -195,6 +204,34 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         d[leaf] = v
     return make_config(preset, **nested)
 
+# %% ../nbs/09_experiment.ipynb #7a78a834
+STAGE_SEEDS = ('stage1.seed', 'stage1.train.seed', 'stage2.seed', 'stage2.train.seed', 'align.seed', 'align.train.seed')
+
+
+def run_seeds(config: RunConfig) -> list[int]:
+    "The pipeline seeds of a run: `seed_list` if given, else 0..seeds-1; none, negative or repeated seeds raise."
+    if not config.seed_list.strip():
+        if config.seeds < 1: raise ValueError(f"config.seeds must be >= 1 (how many pipeline seeds to run), not {config.seeds}")
+        return list(range(config.seeds))
+    try: seeds = [int(s) for s in config.seed_list.split(',') if s.strip()]
+    except ValueError: raise ValueError(f"config.seed_list must be comma-separated whole numbers, not {config.seed_list!r}") from None
+    if not seeds: raise ValueError(f"config.seed_list names no seed: {config.seed_list!r}")
+    if any(s < 0 for s in seeds): raise ValueError(f"config.seed_list: seeds must be >= 0, not {[s for s in seeds if s < 0]}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated: raise ValueError(f"config.seed_list repeats seed(s) {repeated}: each seed must be a different run")
+    return seeds
+
+
+def seeded(config: RunConfig, seed: int) -> RunConfig:
+    "`config` with pipeline seed `seed` added to every seed of Stages 1, 2a and 2b (`STAGE_SEEDS`)."
+    changes: dict = {}
+    for name in STAGE_SEEDS:
+        *parents, leaf = name.split('.')
+        obj, d = config, changes
+        for part in parents: obj, d = getattr(obj, part), d.setdefault(part, {})
+        d[leaf] = getattr(obj, leaf) + seed
+    return _replace(config, changes, 'config')
+
 # %% ../nbs/09_experiment.ipynb #80b48614
 MIN_FREE_MB = 100
 
@@ -317,20 +354,22 @@ class _Student:
         return self.pair
 
 
-def run_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted, out, log=print) -> tuple[dict, dict]:
-    "Features (item-table order) for `wanted` ⊂ {h_K, h_T, full, no_mi, no_disentangle, no_gen}, and per-stage info."
-    out, wanted = Path(out), set(wanted)
+def run_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted, out, log=print,
+               seed: int = 0) -> tuple[dict, dict]:
+    "Features (item-table order) for `wanted` ⊂ {h_K, h_T, full, no_mi, no_disentangle, no_gen}, and per-stage info, for pipeline seed `seed`."
+    out, wanted, config = Path(out), set(wanted), seeded(config, seed)
     feats, info = {}, {}
     if not wanted: return feats, info
-    student = _Student(config.mllm, data.items)
-    s1 = _stage_config(config.stage1, config, out, 'stage1')
-    s2 = _stage_config(config.stage2, config, out, 'stage2')
+    student = _Student(config.mllm, data.items)  # a fresh model per seed: no seed starts from another's training
+    tag = '' if seed == 0 else f'-seed{seed}'
+    s1 = _stage_config(config.stage1, config, out, 'stage1' + tag)
+    s2 = _stage_config(config.stage2, config, out, 'stage2' + tag)
     data_key = dict(dataset=config.dataset, path=config.path, stats=data.stats().iloc[0].to_dict())
     keys = {'stage1': digest(dict(data=data_key, mllm=config.mllm, stage1=_settings(s1)))}
     keys['stage2'] = digest(dict(after=keys['stage1'], preprocess=config.preprocess, stage2=_settings(s2)))
 
     def stage(name, key, compute):
-        folder = out / 'stages' / name
+        folder = stage_folder(out, name, seed)
         hit = load_stage(folder, key)
         if not every_process(hit is not None): hit = None  # several processes: all reuse the stage, or all run it
         if hit is not None:
@@ -369,14 +408,14 @@ def run_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted,
     # the student starts from the Stage 1 weights (tiny model: one set of weights) or, with LoRA, after Stage 2a
     start = stage1_out if config.mllm.full_finetune else stage2_out
     for variant in [v for v in ABLATIONS if v in wanted]:
-        cfg = _stage_config(ablation(config.align, variant), config, out, f'align-{variant}')
+        cfg = _stage_config(ablation(config.align, variant), config, out, f'align-{variant}{tag}')
         key = digest(dict(after=keys['stage2'], align=_settings(cfg), outputs=2))  # outputs 2: z_sh, t and the init heads too
 
         def run_align(cfg=cfg, variant=variant):
             model, processor = student.get(start)
             # the heads as Stage 2b starts them (it seeds them the same way): the control of the alignment figure
             init = heads_output(AlignModel(model, feats['h_T'], cfg), feats['h_K'], feats['h_T'])
-            r = stage2b(model, processor, data.items, feats['h_K'], feats['h_T'], dataclasses.replace(cfg, cache_dir=str(out / 'cache' / variant)), log=log)
+            r = stage2b(model, processor, data.items, feats['h_K'], feats['h_T'], dataclasses.replace(cfg, cache_dir=str(out / 'cache' / f'{variant}{tag}')), log=log)
             # z^sh of the distilled h^K is e^LLM's first dim columns; t = g(h^T) needs the trained g, which is not saved
             t = heads_output(r.aligner, feats['h_K'], feats['h_T'])['t']
             tensors = dict(features=r.features, z_sh=r.features[:, :cfg.dim], t=t, z_sh_init=init['z_sh'], t_init=init['t'])
@@ -399,31 +438,36 @@ def _recommender(key: str, prepared: Prepared, config: RunConfig, features: torc
 
 
 def fit_and_score(key: str, prepared: Prepared, config: RunConfig, features: torch.Tensor | None, seed: int,
-                  out: Path | None = None) -> dict:
-    "Train (neural rows: `tpad.msbr.fit`) or fit (the others) row `key` with `seed`, then score test once."
+                  out: Path | None = None, ranks: dict | None = None) -> dict:
+    "Train (neural rows: `tpad.msbr.fit`) or fit (the others) row `key` with `seed`, then score test once; `ranks` (a dict) gets the per-sample test ranks."
     t0 = time.perf_counter()
     model = _recommender(key, prepared, config, features, seed)
-    epochs = None
+    epochs, stopped = None, None
     if isinstance(model, torch.nn.Module):
         fc = dataclasses.replace(config.fit, seed=seed, progress=config.progress,
                                  out_dir=str(out / 'models' / f'{key}-seed{seed}') if out else '')
         result = fit(model, prepared, fc)
-        epochs = getattr(result, 'best_epoch', None)
+        epochs, stopped = result.best_epoch, result.stopped
+        # the best epoch is the last one allowed: validation was still rising when the cap stopped it
+        if stopped == 'epochs' and epochs == fc.epochs: stopped = 'still improving at the epoch cap'
     else: model.fit(prepared)
     fit_seconds = time.perf_counter() - t0
-    scores = evaluate_model(model, prepared, 'test')
-    row = dict(model=key, seed=seed, best_epoch=epochs, fit_seconds=round(fit_seconds, 2),
+    scores = evaluate_model(model, prepared, 'test', ranks=ranks is not None)
+    if ranks is not None: ranks.update(scores['ranks'])
+    row = dict(model=key, seed=seed, best_epoch=epochs, stopped=stopped, fit_seconds=round(fit_seconds, 2),
                seconds=round(time.perf_counter() - t0, 2))
     row.update(scores['overall'])
     row.update({f'cold {k}': v for k, v in (scores.get('cold') or {}).items()})
     return row
 
-# %% ../nbs/09_experiment.ipynb #16fa7619
+# %% ../nbs/09_experiment.ipynb #24456ffe
 TABLE_METRICS = ('HR@5', 'HR@10', 'HR@20', 'MRR@5', 'MRR@10', 'MRR@20', 'NDCG@5', 'NDCG@10', 'NDCG@20', 'cold HR@20', 'cold MRR@20')
+MARKED = ('HR@20', 'MRR@20', 'NDCG@20', 'cold HR@20', 'cold MRR@20')  # the columns that carry TPAD's paired test
 
 
-def results_table(rows: pd.DataFrame) -> pd.DataFrame:
-    "Mean ± std over seeds of every table metric, one line per row, in MODELS order (percent)."
+def results_table(rows: pd.DataFrame, tests: pd.DataFrame | None = None, reference: str = 'tpad') -> pd.DataFrame:
+    "Mean ± std over seeds of every table metric, one line per row, in MODELS order (percent); `tests` adds the ▲/▼/= marks."
+    marks = {} if tests is None or not len(tests) else {(r.model, r.metric): r.mark for r in tests.itertuples() if r.mark}
     out = []
     for key in [k for k in MODELS if k in set(rows['model'])]:
         r = rows[rows['model'] == key]
@@ -432,6 +476,19 @@ def results_table(rows: pd.DataFrame) -> pd.DataFrame:
             if m not in r: continue
             v = 100 * r[m].astype(float)
             line[m] = f'{v.mean():.2f}' if len(r) == 1 else f'{v.mean():.2f} ± {v.std(ddof=1):.2f}'
+            if (key, m) in marks: line[m] += f' {marks[key, m]}'
+        out.append(line)
+    return pd.DataFrame(out)
+
+
+def intervals_table(rows: pd.DataFrame, metrics=MARKED) -> pd.DataFrame:
+    "The 95 % interval (Student t over seeds) of each row's mean, in percent, for `metrics`."
+    out = []
+    for key in [k for k in MODELS if k in set(rows['model'])]:
+        r, line = rows[rows['model'] == key], {'model': MODELS[key][0]}
+        for m in [m for m in metrics if m in rows]:
+            iv = mean_interval(100 * r[m].astype(float).to_numpy())
+            line[m] = f"{iv['mean']:.2f}" if iv['lo'] is None else f"[{iv['lo']:.2f}, {iv['hi']:.2f}]"
         out.append(line)
     return pd.DataFrame(out)
 
@@ -442,11 +499,84 @@ def markdown_table(df: pd.DataFrame) -> str:
     lines = ['| ' + ' | '.join(r) + ' |' for r in cells]
     return '\n'.join([lines[0], '|' + '|'.join(['---'] * len(df.columns)) + '|', *lines[1:]])
 
+# %% ../nbs/09_experiment.ipynb #eeb8e651
+def per_sample(ranks, metric: str) -> np.ndarray:
+    "Each sample's value of `metric` ('HR@20', 'cold MRR@20', ...) from its 1-based target rank."
+    kind, k = metric.split()[-1].split('@')
+    if kind not in METRICS: raise ValueError(f"unknown metric {metric!r}; metrics: {list(METRICS)} at K, e.g. 'MRR@20'")
+    return METRICS[kind](torch.as_tensor(ranks), int(k)).numpy()
 
+
+def paired_tests(ranks: dict, prepared: Prepared, seeds, reference: str = 'tpad', method: str = 'bootstrap',
+                 alpha: float = 0.05, n_boot: int = 5000, metrics=MARKED) -> pd.DataFrame:
+    "`reference` against every other row on the same test samples and seeds, per metric; Holm over the rows of each metric."
+    keys = list(dict.fromkeys(k for k, _ in ranks))
+    if reference not in keys or len(keys) < 2: return pd.DataFrame()
+    out = []
+    for metric in metrics:
+        part = 'cold' if metric.startswith('cold') else 'overall'
+        samples = prepared.cold.get('test') if part == 'cold' else prepared.samples['test']
+        if samples is None or not len(samples): continue
+        sessions = pd.factorize(pd.Series(samples.session_ids).astype(str))[0]
+        values = {k: np.stack([per_sample(ranks[k, s][part], metric) for s in seeds]) for k in keys}  # [seeds, samples]
+        if method == 'bootstrap':  # a session is one cluster, resampled whole in every seed at once
+            groups = np.concatenate([sessions] * len(seeds))
+            table = compare_to({k: v.reshape(-1) for k, v in values.items()}, reference, groups=groups, method=method,
+                               alpha=alpha, n_boot=n_boot)
+        else:  # Wilcoxon takes independent pairs: each sample's mean over the seeds
+            table = compare_to({k: v.mean(0) for k, v in values.items()}, reference, method=method, alpha=alpha)
+        table.insert(1, 'metric', metric)
+        out.append(table)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+# %% ../nbs/09_experiment.ipynb #18a20297
+ID_ONLY_KEYS = tuple(ID_ONLY.split(','))
+# the claims of the paper's abstract that a run can test: (claim, rows TPAD must beat, on which targets)
+CLAIMS = (('TPAD beats its ablations', ('tpad_no_mi', 'tpad_no_disentangle', 'tpad_no_gen'), ('overall', 'cold')),
+          ('the generation task matters', ('tpad_no_gen',), ('overall', 'cold')),
+          ('disentanglement matters', ('tpad_no_disentangle',), ('overall', 'cold')),
+          ('alignment beats plain pre-trained features', ('msbr_plain',), ('overall', 'cold')),
+          ('TPAD beats ID-only models on cold-start items', ID_ONLY_KEYS, ('cold',)))
+CLAIM_METRIC = 'MRR@20'
+
+
+def claims(tests: pd.DataFrame, keys, alpha: float = 0.05, metric: str = CLAIM_METRIC) -> pd.DataFrame:
+    "Each claim of `CLAIMS` on warm and cold targets: its verdict, and the Holm-corrected p-value behind it."
+    out = []
+    for claim, against, parts in CLAIMS:
+        for part in parts:
+            m = metric if part == 'overall' else f'cold {metric}'
+            line = dict(claim=claim, targets='warm' if part == 'overall' else 'cold', metric=m)
+            missing = [k for k in ('tpad',) + tuple(against) if k not in keys]
+            rows = tests[(tests['metric'] == m) & tests['model'].isin(against)] if len(tests) else tests
+            if missing: out.append(dict(line, verdict='cannot be tested', p=None, why=f"rows not in this run: {', '.join(missing)}")); continue
+            if len(rows) < len(against) or rows['p_holm'].isna().any():
+                why = '; '.join(sorted({str(w) for w in rows.get('why', pd.Series(dtype=str)).dropna()})) or 'no paired test'
+                out.append(dict(line, verdict='cannot be tested', p=None, why=why)); continue
+            worse, same = rows[rows['mark'] == '▼'], rows[rows['mark'] == '=']
+            if len(worse): verdict, p, why = 'does not hold', worse['p_holm'].min(), 'TPAD is worse than ' + ', '.join(MODELS[k][0] for k in worse['model'])
+            elif len(same): verdict, p, why = 'not shown', same['p_holm'].max(), 'no significant difference from ' + ', '.join(MODELS[k][0] for k in same['model'])
+            else: verdict, p, why = 'holds', rows['p_holm'].max(), f'TPAD better than every one at {alpha:g}'
+            out.append(dict(line, verdict=verdict, p=float(p), why=why))
+    return pd.DataFrame(out)
+
+
+def claims_text(table: pd.DataFrame) -> str:
+    "The claims as markdown lines: verdict, targets, p-value and why."
+    if not len(table): return ''
+    fmt = lambda p: '' if p is None or pd.isna(p) else (f', p = {p:.2g}' if p >= 1e-4 else ', p < 1e-4')
+    return '\n'.join(f"- **{r.claim}** ({r.targets} targets, {r.metric}): **{r.verdict}**{fmt(r.p)} — {r.why}"
+                     for r in table.itertuples())
+
+# %% ../nbs/09_experiment.ipynb #1aa55d18
 def protocol_text(config: RunConfig, prepared: Prepared) -> str:
     "The evaluation protocol of a run, in words, for the head of its table."
     p, n = config.preprocess, {s: len(v) for s, v in prepared.samples.items()}
-    cold = len(prepared.cold.get('test', ()))
+    cold, seeds = len(prepared.cold.get('test', ())), run_seeds(config)
+    stages = any(MODELS[k][1] not in (None, 'plain') for k in model_keys(config))
+    varied = ('each seed reran Stages 1, 2a and 2b and every recommender' if stages and not config.fixed_stages else
+              f'the MLLM stages ran once (seed {seeds[0]}), only the recommenders varied' if stages else
+              'the recommenders varied with the seed')
     return (f"**Protocol.** Dataset `{config.dataset}` ({prepared.n_items} items after filtering: sessions with at "
             f"least {p.min_session_length} clicks, items with at least {p.min_item_support}). Time-ordered split: test = "
             f"the last {p.test_days:g} days, validation = the {p.valid_days:g} days before. Every prefix of a session is "
@@ -454,8 +584,7 @@ def protocol_text(config: RunConfig, prepared: Prepared) -> str:
             f"targets never clicked in training are moved to the cold-start columns ({cold} samples). Full ranking over "
             f"all {prepared.n_items} items; HR@K, MRR@K, NDCG@K in percent. Neural models: early stopping on validation "
             f"MRR@20 (patience {config.fit.patience}, at most {config.fit.epochs} epochs), best weights restored, test "
-            f"scored once. Mean ± std over {config.seeds} seed(s) of the recommenders"
-            + ("; the MLLM features come from one run of Stages 1-2." if any(MODELS[k][1] not in (None, 'plain') for k in model_keys(config)) else "."))
+            f"scored once. Mean ± std over {len(seeds)} pipeline seed(s) ({', '.join(map(str, seeds))}): {varied}.")
 
 # %% ../nbs/09_experiment.ipynb #4f270a77
 FIGURES = ('full', 'all', 'none')
@@ -469,8 +598,8 @@ def _save_figure(fig, path: Path, dpi: int = 100) -> str:
 
 
 def run_figures(config: RunConfig, data: SessionData, prepared: Prepared, out, variants, keys=(),
-                log=print) -> tuple[list[str], dict, list[str]]:
-    "Draw a run's figures into out/figures: (files written, alignment numbers per variant, skipped with reasons)."
+                log=print, seed: int = 0) -> tuple[list[str], dict, list[str]]:
+    "Draw a run's figures (from pipeline seed `seed`) into out/figures: (files written, alignment numbers per variant, skipped with reasons)."
     if config.figures not in FIGURES: raise ValueError(f"config.figures must be one of {FIGURES}, not {config.figures!r}")
     files, numbers, skipped = [], {}, []
     if config.figures == 'none': return files, numbers, skipped
@@ -484,21 +613,21 @@ def run_figures(config: RunConfig, data: SessionData, prepared: Prepared, out, v
                                   folder / 'data-transitions.png'))
     else: skipped.append('data-transitions.png: the items have no category')
     for v in [v for v in variants if config.figures == 'all' or v == 'full']:
-        fig, table = plot_run_alignment(out, data.items, v, out_dir=folder, config=config.viz)
+        fig, table = plot_run_alignment(out, data.items, v, out_dir=folder, config=config.viz, seed=seed)
         plt.close(fig)
         files += [f'alignment-{v}.png', f'alignment-{v}.json']
         numbers[v] = json.loads(table.to_json(orient='index'))
     if 'full' not in variants: skipped.append('alignment-full.png: the run has no TPAD row (no Stage 2b)')
     baseline = next((k for k in ('srgnn', 'sasrec', 'gru4rec') if k in keys), None)
     if baseline and 'tpad' in keys:
-        models = load_run_models(out, prepared, data.items, (baseline, 'tpad'), seed=0)
+        models = load_run_models(out, prepared, data.items, (baseline, 'tpad'), seed=seed)
         files += [p.name for p in plot_run_cases(out, data.items, prepared, models, out_dir=folder, config=config.cases)]
     else: skipped.append('case-*.png: the case studies need the TPAD row and an ID-only neural row (srgnn, sasrec or gru4rec)')
     for why in skipped: log(f'[figures] skipped {why}')
     log(f'[figures] {len(files)} files in {folder}')
     return files, numbers, skipped
 
-# %% ../nbs/09_experiment.ipynb #7addf0e6
+# %% ../nbs/09_experiment.ipynb #6f039000
 def _load_options(config: RunConfig) -> dict:
     "Options of the dataset's loader that the config sets: `preprocess.on_unknown` where the loader checks unknown items itself."
     for module in FORMAT_MODULES: importlib.import_module(module)  # the loaders register themselves on import
@@ -518,10 +647,75 @@ def _data_path(config: RunConfig) -> str | None:
     return config.path
 
 
+def _first_stage_seed(stage_info: dict) -> int | None:
+    "The first pipeline seed whose stages ran (the one the figures and the summary's alignment numbers come from)."
+    return next((s for name, s in stage_info if name != 'plain'), None)
+
+
+def _save_ranks(out: Path, ranks: dict):
+    "Every row's per-sample test ranks, per seed, as one safetensors file: `<row>/seed<s>/<overall|cold>`."
+    tensors = {f'{k}/seed{s}/{part}': r.to(torch.int64).contiguous() for (k, s), parts in ranks.items()
+               for part, r in parts.items() if r is not None}
+    if tensors: atomic_write(lambda p: save_file(tensors, str(p)), out / 'ranks.safetensors')
+
+
+def _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log) -> list[dict]:
+    "Fit and score every row with pipeline seed `seed`; each row's per-sample test ranks go into `ranks[key, seed]`."
+    rows = []
+    for key in keys:
+        t1, ranks[key, seed] = time.perf_counter(), {}
+        rows.append(fit_and_score(key, prepared, config, aligned.get(needs[key]), seed, out, ranks[key, seed]))
+        log(f"[{key}] {MODELS[key][0]} (seed {seed}): test HR@20 {100 * rows[-1]['HR@20']:.2f}, MRR@20 "
+            f"{100 * rows[-1]['MRR@20']:.2f} ({time.perf_counter() - t1:.1f} s)")
+    return rows
+
+
+def _stage_rows(stage_info: dict) -> pd.DataFrame:
+    "One line per (stage, seed): time, steps, reuse, and Stage 2b's before/after numbers."
+    out = []
+    for (name, seed), i in stage_info.items():
+        line = dict(stage=name, seed=seed, seconds=i.get('seconds'), reused=i.get('reused'), steps=i.get('steps'),
+                    train_seconds=i.get('train_seconds'))
+        for when in ('before', 'after'):
+            line.update({f'{when} {k}': v for k, v in (i.get(when) or {}).items() if isinstance(v, (int, float))})
+        out.append(line)
+    return pd.DataFrame(out)
+
+
+def _write_results(out: Path, config: RunConfig, prepared: Prepared, frame: pd.DataFrame, tests: pd.DataFrame,
+                   verdicts: pd.DataFrame, skipped: dict, why_no_tests: str = ''):
+    "results.csv, significance.csv, claims.csv and results.md (protocol, marked table, intervals, notes, claims)."
+    _write_csv(out / 'results.csv', frame)
+    if len(tests): _write_csv(out / 'significance.csv', tests)
+    if len(verdicts): _write_csv(out / 'claims.csv', verdicts)
+    table = results_table(frame, tests)
+    notes = [f'- skipped {MODELS[k][0]}: {why}' for k, why in skipped.items()]
+    capped = frame[frame.get('stopped', pd.Series(dtype=object)) == 'still improving at the epoch cap'] if 'stopped' in frame else frame[:0]
+    for key, r in capped.groupby('model', sort=False):
+        notes.append(f"- {MODELS[key][0]}: still improving at the epoch cap ({config.fit.epochs} epochs) in seed(s) "
+                     f"{', '.join(map(str, r['seed']))}: its validation MRR@20 peaked at the last epoch allowed")
+    if len(tests):
+        n = tests.groupby('metric').size().max()
+        legend = (f"Marks: TPAD against the row, paired over the same {len(run_seeds(config))} seed(s) and test samples "
+                  f"({'bootstrap over test sessions' if config.significance == 'bootstrap' else 'Wilcoxon signed-rank per sample'}), "
+                  f"Holm-corrected over the {n} comparisons of each column: ▲ TPAD is better than this row at "
+                  f"{config.alpha:g}, ▼ worse, = no significant difference (`significance.csv`).")
+    else: legend = f"No paired tests: {why_no_tests}" if why_no_tests else ''
+    text = (f"# Results: {config.preset}\n\n{protocol_text(config, prepared)}\n\n{markdown_table(table)}\n\n{legend}\n\n"
+            f"95 % intervals of the means over seeds (Student t; one seed has none):\n\n{markdown_table(intervals_table(frame))}\n"
+            + ('\n' + '\n'.join(notes) + '\n' if notes else '')
+            + (f"\n## Claims\n\nThe abstract's claims this run can test, on {CLAIM_METRIC} per sample, paired as above:\n\n"
+               f"{claims_text(verdicts)}\n" if len(verdicts) else ''))
+    atomic_write(lambda p: p.write_text(text), out / 'results.md')
+    return table
+
+
 def run(config: RunConfig, log=print) -> dict:
-    "Run the experiment `config` end to end and write its outputs (and the results table) to `config.out`; under `accelerate launch` the MLLM stages use every process and the rest runs in process 0."
-    path, keys = _data_path(config), model_keys(config)
+    "Run the experiment `config` end to end, once per pipeline seed, and write its outputs (and the results table) to `config.out`; under `accelerate launch` the MLLM stages use every process and the rest runs in process 0."
+    path, keys, seeds = _data_path(config), model_keys(config), run_seeds(config)
     if config.figures not in FIGURES: raise ValueError(f"config.figures must be one of {FIGURES}, not {config.figures!r}")
+    if config.significance not in ('bootstrap', 'wilcoxon', 'none'):
+        raise ValueError(f"config.significance must be 'bootstrap', 'wilcoxon' or 'none', not {config.significance!r}")
     rank, world = process_layout()
     main = rank == 0
     if not main: log = lambda *a, **k: None  # one voice per run
@@ -551,52 +745,103 @@ def run(config: RunConfig, log=print) -> dict:
             skipped['msbr_plain'] = f'the plain pre-trained encoders are not installed: {baselines.PLAIN_EXTRA}'
     for k, why in skipped.items(): log(f'[skip] {MODELS[k][0]}: {why}')
     keys = [k for k in keys if k not in skipped]
+    wanted = {needs[k] for k in keys} - {None, 'plain'}
 
+    plain, stage_info, rows, ranks = None, {}, [], {}
+    times.update(stages=0.0, models=0.0)
+    for seed in seeds:
+        t0, stage_seed = time.perf_counter(), seeds[0] if config.fixed_stages else seed
+        if len(seeds) > 1: log(f'[seed {seed}] pipeline seed {seed} of {seeds}' + (f' (stages of seed {stage_seed})' if stage_seed != seed else ''))
+        feats, info = run_stages(config, data, prepared, wanted, out, log, seed=stage_seed)
+        if not main: continue  # its share of the stages is done; process 0 fits the rows and writes the results
+        for name, i in info.items(): stage_info[name, stage_seed] = i
+        if 'msbr_plain' in keys:
+            if plain is None:  # pretrained encoders, no training: the same features for every seed
+                t1 = time.perf_counter()
+                plain = baselines.plain_features(data.items, config.plain, cache_dir=str(out / 'cache'))
+                stage_info['plain', seed] = dict(seconds=round(time.perf_counter() - t1, 1))
+            feats['plain'] = plain
+        times['stages'] = round(times['stages'] + time.perf_counter() - t0, 1)
+        aligned = {k: align_features(v, data.items, prepared) for k, v in feats.items()}
+        t0 = time.perf_counter()
+        rows += _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log)
+        times['models'] = round(times['models'] + time.perf_counter() - t0, 1)
+    if not main: return {}
+    for (name, _), i in stage_info.items(): times[name] = round(times.get(name, 0.0) + (0.0 if i.get('reused') else i.get('seconds') or 0.0), 1)
+    if main: _save_ranks(out, ranks)
     t0 = time.perf_counter()
-    feats, stage_info = run_stages(config, data, prepared, {needs[k] for k in keys} - {None, 'plain'}, out, log)
-    if not main: return {}  # its share of the stages is done; process 0 fits the rows and writes the results
-    if 'msbr_plain' in keys:
-        t1 = time.perf_counter()
-        feats['plain'] = baselines.plain_features(data.items, config.plain, cache_dir=str(out / 'cache'))
-        stage_info['plain'] = dict(seconds=round(time.perf_counter() - t1, 1))
-    times['stages'] = round(time.perf_counter() - t0, 1)
-    for name, i in stage_info.items(): times[name] = 0.0 if i.get('reused') else i.get('seconds')
-    aligned = {k: align_features(v, data.items, prepared) for k, v in feats.items()}
-
-    rows, t0 = [], time.perf_counter()
-    for key in keys:
-        t1 = time.perf_counter()
-        for seed in range(config.seeds):
-            rows.append(fit_and_score(key, prepared, config, aligned.get(needs[key]), seed, out))
-        last = rows[-1]
-        log(f"[{key}] {MODELS[key][0]}: test HR@20 {100 * last['HR@20']:.2f}, MRR@20 {100 * last['MRR@20']:.2f}"
-            f" ({time.perf_counter() - t1:.1f} s)")
-    times['models'] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    variants = [k[len('align-'):] for k in stage_info if k.startswith('align-')]
-    figures, discrepancy, no_figures = run_figures(config, data, prepared, out, variants, keys, log)
+    variants = [name[len('align-'):] for name, s in stage_info if name.startswith('align-') and s == _first_stage_seed(stage_info)]
+    figures, discrepancy, no_figures = run_figures(config, data, prepared, out, variants, keys, log, seed=seeds[0])
     times['figures'] = round(time.perf_counter() - t0, 1)
     frame = pd.DataFrame(rows)
-    table = results_table(frame)
-    _write_csv(out / 'results.csv', frame)
-    skipped_text = ''.join(f'\n- skipped {MODELS[k][0]}: {why}' for k, why in skipped.items())
-    atomic_write(lambda p: p.write_text(f"# Results: {config.preset}\n\n{protocol_text(config, prepared)}\n\n"
-                                   f"{markdown_table(table)}\n{skipped_text}\n"), out / 'results.md')
+    tests, why_no_tests = pd.DataFrame(), ''
+    if config.significance == 'none': why_no_tests = 'switched off (significance none)'
+    elif 'tpad' not in keys: why_no_tests = 'the run has no TPAD row to compare the others with'
+    else:
+        try: tests = paired_tests(ranks, prepared, seeds, 'tpad', config.significance, config.alpha, config.n_boot)
+        except ValueError as e: why_no_tests = str(e)
+    verdicts = claims(tests, keys, config.alpha) if 'tpad' in keys else pd.DataFrame()
+    table = _write_results(out, config, prepared, frame, tests, verdicts, skipped, why_no_tests)
+    stage_frame = _stage_rows({k: v for k, v in stage_info.items() if k[0] != 'plain'})
+    if len(stage_frame): _write_csv(out / 'stages.csv', stage_frame)
     times['total'] = round(time.perf_counter() - t_all, 1)
-    alignment = {k[len('align-'):]: dict(before=v.get('before'), after=v.get('after')) for k, v in stage_info.items()
+    first = {name: i for (name, s), i in stage_info.items() if s == _first_stage_seed(stage_info)}
+    alignment = {k[len('align-'):]: dict(before=v.get('before'), after=v.get('after')) for k, v in first.items()
                  if k.startswith('align-')}
     for v, numbers in discrepancy.items(): alignment[v]['discrepancy'] = numbers
-    summary = dict(stats=stats.iloc[0].to_dict(), splits=splits.set_index('split').to_dict('index'),
+    by_stage: dict = {}
+    for (name, s), i in stage_info.items():
+        by_stage.setdefault(name, {})[f'seed{s}'] = {kk: vv for kk, vv in i.items() if kk not in ('before', 'after')}
+    summary = dict(stats=stats.iloc[0].to_dict(), splits=splits.set_index('split').to_dict('index'), seeds=seeds, items=prepared.n_items,
                    cold_start=prepared.cold_report.to_dict('records'), seconds=times, skipped=skipped,
-                   stages={k: {kk: vv for kk, vv in v.items() if kk not in ('before', 'after')} for k, v in stage_info.items()},
-                   alignment=alignment, figures=figures, figures_skipped=no_figures)
+                   stages=by_stage, alignment=alignment, figures=figures, figures_skipped=no_figures,
+                   claims=verdicts.to_dict('records'), significance=why_no_tests or 'significance.csv')
     _write_json(out / 'summary.json', summary)
     log('\n' + table[['model', 'HR@20', 'MRR@20', 'NDCG@20', 'cold HR@20', 'cold MRR@20']
                      if 'cold HR@20' in table else ['model', 'HR@20', 'MRR@20', 'NDCG@20']].to_string(index=False))
+    if len(verdicts): log('\n[claims]\n' + claims_text(verdicts))
     log(f"\n[time] " + ', '.join(f'{k} {v} s' for k, v in times.items()))
     log(f"wrote {out}/: results.md, results.csv, summary.json, config.json, splits.csv, stages/, models/"
         + (', figures/' if figures else ''))
     return summary
+
+
+# %% ../nbs/09_experiment.ipynb #a26c2a38
+EVIDENCE_FILES = ('results.md', 'results.csv', 'significance.csv', 'claims.csv', 'stages.csv', 'summary.json')
+EVIDENCE_COLUMNS = ('model', 'HR@20', 'MRR@20', 'NDCG@20', 'cold HR@20', 'cold MRR@20')
+EVIDENCE_URL = 'https://github.com/tpad-kit/tpad/blob/main/evidence'
+
+
+def evidence_link(preset: str) -> str:
+    "Where the README and the docs link an evidence folder's results (the repository's copy)."
+    return f'{EVIDENCE_URL}/{preset}/results.md'
+
+
+def evidence_markdown(folder, link: str = '') -> str:
+    "The table, marks and claims of an evidence folder written by `bench/evidence.py`, as markdown, every number read from its files."
+    folder = Path(folder)
+    info = json.loads((folder / 'evidence.json').read_text())
+    summary = json.loads((folder / 'summary.json').read_text())
+    rows = pd.read_csv(folder / 'results.csv')
+    tests = pd.read_csv(folder / 'significance.csv') if (folder / 'significance.csv').exists() else pd.DataFrame()
+    verdicts = pd.read_csv(folder / 'claims.csv') if (folder / 'claims.csv').exists() else pd.DataFrame()
+    table = results_table(rows, tests)
+    m, seeds = info['machine'], summary['seeds']
+    head = (f"What `{info['command']}` wrote (commit {info['commit']}, {info['date']}): {len(seeds)} pipeline seeds, each "
+            f"rerunning Stages 1, 2a and 2b and every recommender; {info['seconds']:.0f} s and {info['peak_memory_mb']} MB "
+            f"peak memory on {m['cpu']} ({m['cores']} cores), load average {info['load_average_before'][0]:.2f} before and "
+            f"{info['load_average_after'][0]:.2f} after. Test split, full ranking over the {summary['items']} items, percent, "
+            f"mean ± std over the seeds; the cold columns are the {summary['splits']['test']['cold_samples']} test samples "
+            f"whose target was never clicked in training. Marks: TPAD against the row, paired over the same seeds and test "
+            f"samples (bootstrap over test sessions, Holm-corrected per column): ▲ TPAD is better at 5 %, ▼ worse, = no "
+            f"significant difference." + (f" The files, with the protocol and the 95 % intervals: [`evidence/{Path(folder).name}`]({link})." if link else ''))
+    notes = [f"- {MODELS[k][0]}: still improving at the epoch cap in seed(s) {', '.join(map(str, r['seed']))}"
+             for k, r in rows[rows.get('stopped', pd.Series(dtype=object)) == 'still improving at the epoch cap'].groupby('model', sort=False)] \
+        if 'stopped' in rows else []
+    body = [head, markdown_table(table[[c for c in EVIDENCE_COLUMNS if c in table]])]
+    if notes: body.append('\n'.join(notes))
+    if len(verdicts): body.append(f"The abstract's claims, on {CLAIM_METRIC} per sample:\n\n" + claims_text(verdicts.replace({np.nan: None})))
+    return '\n\n'.join(body)
 
 # %% ../nbs/09_experiment.ipynb #29f8b827
 def _stats(args):
@@ -609,7 +854,7 @@ def _run(args):
     "`tpad run`: a bad config or a missing data path ends with one clear line before any work starts."
     try:
         config = config_from_args(args)
-        _data_path(config), model_keys(config)
+        _data_path(config), model_keys(config), run_seeds(config)
         check_out_dir(config.out)
     except (ValueError, TypeError, OSError) as e: sys.exit(f'tpad run: {e}')
     run(config)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .data import atomic_write
+from .data import atomic_write, stage_folder
 from .mi import MMD
 
 # %% auto #0
@@ -280,21 +280,21 @@ def plot_alignment(h_K, h_T, z_sh, t, categories=None, out_dir=None, init: tuple
     return fig, numbers
 
 # %% ../nbs/10_viz_alignment.ipynb #a6fad529
-def _stage_tensors(run_dir: Path, name: str) -> dict:
-    folder = Path(run_dir) / 'stages' / name
+def _stage_tensors(run_dir: Path, name: str, seed: int = 0) -> dict:
+    folder = stage_folder(run_dir, name, seed)
     seal, data = folder / 'stage.json', folder / 'outputs.safetensors'
     if not data.exists(): raise FileNotFoundError(f'{data} does not exist: run_dir must be a `tpad run` output folder whose stage {name!r} ran')
     if not seal.exists(): raise FileNotFoundError(f'{folder} has no stage.json: stage {name!r} did not finish, its outputs are not trusted')
     return load_file(str(data))
 
 
-def alignment_from_run(run_dir, items: pd.DataFrame, variant: str = 'full') -> dict:
-    "h_K, h_T, z_sh, t (and init, categories) of a `tpad run` folder, ready for `plot_alignment(**...)`."
+def alignment_from_run(run_dir, items: pd.DataFrame, variant: str = 'full', seed: int = 0) -> dict:
+    "h_K, h_T, z_sh, t (and init, categories) of a `tpad run` folder (pipeline seed `seed`), ready for `plot_alignment(**...)`."
     run_dir = Path(run_dir)
-    h_K = _stage_tensors(run_dir, 'stage1')['features']
-    h_T = _stage_tensors(run_dir, 'stage2')['features']
-    aligned = _stage_tensors(run_dir, f'align-{variant}')
-    where = run_dir / 'stages' / f'align-{variant}' / 'outputs.safetensors'
+    h_K = _stage_tensors(run_dir, 'stage1', seed)['features']
+    h_T = _stage_tensors(run_dir, 'stage2', seed)['features']
+    aligned = _stage_tensors(run_dir, f'align-{variant}', seed)
+    where = stage_folder(run_dir, f'align-{variant}', seed) / 'outputs.safetensors'
     if 't' not in aligned:
         raise KeyError(f"{where} holds no tensor 't' (g(h^T), the teacher side after alignment; it has "
                        f"{sorted(aligned)}): this run's Stage 2b did not save it. Delete {where.parent} and run again "
@@ -314,8 +314,8 @@ def alignment_from_run(run_dir, items: pd.DataFrame, variant: str = 'full') -> d
 
 
 def plot_run_alignment(run_dir, items: pd.DataFrame, variant: str = 'full', out_dir=None,
-                       config: VizConfig | None = None, **overrides) -> tuple[plt.Figure, pd.DataFrame]:
+                       config: VizConfig | None = None, seed: int = 0, **overrides) -> tuple[plt.Figure, pd.DataFrame]:
     "The before/after figure of a `tpad run` folder, written to `out_dir` (default: run_dir/figures) as alignment-<variant>.png/.json."
     out_dir = Path(run_dir) / 'figures' if out_dir is None else out_dir
-    return plot_alignment(**alignment_from_run(run_dir, items, variant), out_dir=out_dir, name=f'alignment-{variant}',
+    return plot_alignment(**alignment_from_run(run_dir, items, variant, seed), out_dir=out_dir, name=f'alignment-{variant}',
                           config=config, **overrides)
