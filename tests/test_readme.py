@@ -1,7 +1,11 @@
 "The README and the docs home (nbs/index.ipynb) give the same quick start, and CI runs its test command."
 import json
+import os
+import subprocess
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,3 +56,16 @@ def test_settings_requirements_match_the_design_card():
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert 'pkg_resources' not in imported  # gone from current setuptools
+
+
+@pytest.mark.parametrize('notebooks_rc,pytest_rc', [(1, 0), (0, 1), (0, 0)])
+def test_test_command_runs_every_part_and_fails_if_any_fails(tmp_path, notebooks_rc, pytest_rc):
+    "A failing notebook must not hide the pytest results, and any failure fails the command."
+    cmd = quick_start_commands((ROOT / 'README.md').read_text(encoding='utf-8'))[1]
+    after_install = cmd.split('&&', 1)[1]
+    for tool, rc in (('nbdev_test', notebooks_rc), ('pytest', pytest_rc)):  # stand-ins that log their call
+        (tmp_path / tool).write_text(f'#!/bin/sh\necho {tool} >> "{tmp_path}/called"\nexit {rc}\n')
+        (tmp_path / tool).chmod(0o755)
+    r = subprocess.run(['bash', '-c', after_install], env=dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}"))
+    assert (tmp_path / 'called').read_text().split() == ['nbdev_test', 'pytest']
+    assert (r.returncode == 0) == (notebooks_rc == pytest_rc == 0), r.returncode
