@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['gaussian_mi', 'correlated_gaussians', 'Critic', 'InfoNCE', 'NWJ', 'MINE', 'CLUB', 'MMD', 'fit_estimator',
-           'mean_estimate']
+           'mean_estimate', 'channel_mi_ceiling', 'noisy_gaussian_mi']
 
 # %% ../nbs/04_mi.ipynb #00a41c96
 def gaussian_mi(d: int, rho: float) -> float:
@@ -207,3 +207,17 @@ def fit_estimator(estimator: nn.Module, sample_fn, steps: int = 300, lr: float =
 def mean_estimate(estimator, sample_fn, batch_size: int = 128, n_batches: int = 20) -> float:
     "The estimate averaged over `n_batches` fresh batches, without gradients."
     return sum(float(estimator(*sample_fn(batch_size))) for _ in range(n_batches)) / n_batches
+
+# %% ../nbs/04_mi.ipynb #41241b12
+def channel_mi_ceiling(dim: int, noise: float) -> float:
+    "Most MI in nats two `dim`-d codes, standardised per dimension, can share once N(0, noise^2) is added to one: dim/2 ln(1 + 1/noise^2)."
+    if noise < 0: raise ValueError(f"noise must be >= 0, got {noise}")
+    if noise == 0: return math.inf
+    return 0.5 * dim * math.log1p(1 / noise ** 2)
+
+def noisy_gaussian_mi(rho: float, dim: int, noise: float) -> float:
+    "True MI in nats between x + eps1 and y + eps2: x, y standardised, per-dimension correlation `rho`, eps ~ N(0, noise^2 I)."
+    if not -1 <= rho <= 1: raise ValueError(f"rho must be in [-1, 1], got {rho}")
+    if noise < 0: raise ValueError(f"noise must be >= 0, got {noise}")
+    r = rho / (1 + noise ** 2)
+    return math.inf if abs(r) >= 1 else -0.5 * dim * math.log1p(-r * r)
