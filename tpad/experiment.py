@@ -12,11 +12,13 @@ import hashlib
 import importlib
 import inspect
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import time
 import typing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +49,7 @@ __all__ = ['DERIVED', 'ID_ONLY', 'PRESETS', 'DATA_SOURCES', 'STAGE_SEEDS', 'MIN_
            'RunConfig', 'make_config', 'config_arguments', 'config_from_args', 'run_seeds', 'seeded', 'check_out_dir',
            'digest', 'save_stage', 'load_stage', 'model_keys', 'has_content', 'run_stages', 'fit_and_score',
            'results_table', 'intervals_table', 'markdown_table', 'per_sample', 'paired_tests', 'claims', 'claims_text',
-           'protocol_text', 'run_figures', 'run', 'evidence_link', 'evidence_markdown', 'main']
+           'protocol_text', 'run_figures', 'row_jobs', 'run', 'evidence_link', 'evidence_markdown', 'main']
 
 # %% ../nbs/09_experiment.ipynb #a68db625
 @dataclass
@@ -63,6 +65,7 @@ class RunConfig:
     significance: str = field(default='bootstrap', metadata={'help': "paired test of TPAD against every other row: 'bootstrap' (over test sessions), 'wilcoxon' (per sample), 'none'"})
     alpha: float = field(default=0.05, metadata={'help': 'significance level of the table marks and the claims (Holm-corrected)'})
     n_boot: int = field(default=5000, metadata={'help': 'bootstrap resamples of the paired test'})
+    jobs: int = field(default=0, metadata={'help': 'recommender rows fitted side by side in this many processes of one torch thread each (0 = one per CPU core, at most 4; 1 = one after another in this process)'})
     models: str = field(default='all', metadata={'help': "comma-separated rows of the table (keys of MODELS), or 'all'"})
     progress: bool = field(default=True, metadata={'help': 'progress bars for the training loops'})
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig,
@@ -103,7 +106,7 @@ PRESETS: dict[str, dict] = {
     'toyshop-tiny': dict(dataset='toyshop', out='runs/toyshop-tiny', preprocess=dict(min_item_support=2),
                          fit=dict(epochs=8, patience=2, lr_step=0)),
     # every stage and every row at its smallest: the whole pipeline in about a minute (CI, a first look)
-    'toyshop-smoke': dict(dataset='toyshop', out='runs/toyshop-smoke', progress=False, preprocess=dict(min_item_support=2),
+    'toyshop-smoke': dict(dataset='toyshop', out='runs/toyshop-smoke', progress=False, preprocess=dict(min_item_support=2), jobs=1,
                           fit=dict(epochs=1, max_train_samples=2000, lr_step=0), **_TINY_STAGES),
     # the public session logs carry no item content: the ID-only rows
     'diginetica': dict(dataset='diginetica', out='runs/diginetica', seeds=3, models=ID_ONLY,
@@ -544,19 +547,21 @@ def claims(tests: pd.DataFrame, keys, alpha: float = 0.05, metric: str = CLAIM_M
     "Each claim of `CLAIMS` on warm and cold targets: its verdict, and the Holm-corrected p-value behind it."
     out = []
     for claim, against, parts in CLAIMS:
+        missing, present = [k for k in against if k not in keys], [k for k in against if k in keys]
         for part in parts:
             m = metric if part == 'overall' else f'cold {metric}'
             line = dict(claim=claim, targets='warm' if part == 'overall' else 'cold', metric=m)
-            missing = [k for k in ('tpad',) + tuple(against) if k not in keys]
-            rows = tests[(tests['metric'] == m) & tests['model'].isin(against)] if len(tests) else tests
-            if missing: out.append(dict(line, verdict='cannot be tested', p=None, why=f"rows not in this run: {', '.join(missing)}")); continue
-            if len(rows) < len(against) or rows['p_holm'].isna().any():
+            if 'tpad' not in keys or not present:
+                out.append(dict(line, verdict='cannot be tested', p=None, why=f"rows not in this run: {', '.join(['tpad'] * ('tpad' not in keys) + missing)}")); continue
+            rows = tests[(tests['metric'] == m) & tests['model'].isin(present)] if len(tests) else tests
+            if len(rows) < len(present) or rows['p_holm'].isna().any():
                 why = '; '.join(sorted({str(w) for w in rows.get('why', pd.Series(dtype=str)).dropna()})) or 'no paired test'
                 out.append(dict(line, verdict='cannot be tested', p=None, why=why)); continue
             worse, same = rows[rows['mark'] == '▼'], rows[rows['mark'] == '=']
             if len(worse): verdict, p, why = 'does not hold', worse['p_holm'].min(), 'TPAD is worse than ' + ', '.join(MODELS[k][0] for k in worse['model'])
             elif len(same): verdict, p, why = 'not shown', same['p_holm'].max(), 'no significant difference from ' + ', '.join(MODELS[k][0] for k in same['model'])
             else: verdict, p, why = 'holds', rows['p_holm'].max(), f'TPAD better than every one at {alpha:g}'
+            if missing: why += f" (not in this run: {', '.join(MODELS[k][0] for k in missing)})"
             out.append(dict(line, verdict=verdict, p=float(p), why=why))
     return pd.DataFrame(out)
 
@@ -659,14 +664,38 @@ def _save_ranks(out: Path, ranks: dict):
     if tensors: atomic_write(lambda p: save_file(tensors, str(p)), out / 'ranks.safetensors')
 
 
-def _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log) -> list[dict]:
-    "Fit and score every row with pipeline seed `seed`; each row's per-sample test ranks go into `ranks[key, seed]`."
+def row_jobs(config: RunConfig) -> int:
+    "How many processes fit the recommender rows: `config.jobs`, or one per CPU core (at most 4) when it is 0."
+    if config.jobs < 0: raise ValueError(f"config.jobs must be >= 0 (0 = one per CPU core), not {config.jobs}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return config.jobs or min(cores, 4)
+
+
+_WORKER: dict = {}
+
+
+def _start_row_worker(prepared: Prepared, config: RunConfig, out: Path):
+    "A worker process of the row pool: one torch thread (processes x threads <= cores), the run's data and config."
+    torch.set_num_threads(1)
+    _WORKER.update(prepared=prepared, config=config, out=out)
+
+
+def _fit_row(key: str, features, seed: int) -> tuple[dict, dict]:
+    "Row `key` fitted and scored in a worker process: its results line and its per-sample test ranks."
+    ranks: dict = {}
+    return fit_and_score(key, _WORKER['prepared'], _WORKER['config'], features, seed, _WORKER['out'], ranks), ranks
+
+
+def _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log, pool=None) -> list[dict]:
+    "Fit and score every row with pipeline seed `seed` (in `pool`'s processes if given); each row's per-sample test ranks go into `ranks[key, seed]`."
+    if pool is not None: futures = {key: pool.submit(_fit_row, key, aligned.get(needs[key]), seed) for key in keys}
     rows = []
     for key in keys:
-        t1, ranks[key, seed] = time.perf_counter(), {}
-        rows.append(fit_and_score(key, prepared, config, aligned.get(needs[key]), seed, out, ranks[key, seed]))
-        log(f"[{key}] {MODELS[key][0]} (seed {seed}): test HR@20 {100 * rows[-1]['HR@20']:.2f}, MRR@20 "
-            f"{100 * rows[-1]['MRR@20']:.2f} ({time.perf_counter() - t1:.1f} s)")
+        if pool is not None: row, ranks[key, seed] = futures[key].result()
+        else: ranks[key, seed] = {}; row = fit_and_score(key, prepared, config, aligned.get(needs[key]), seed, out, ranks[key, seed])
+        rows.append(row)
+        log(f"[{key}] {MODELS[key][0]} (seed {seed}): test HR@20 {100 * row['HR@20']:.2f}, MRR@20 "
+            f"{100 * row['MRR@20']:.2f} ({row['seconds']:.1f} s)")
     return rows
 
 
@@ -710,6 +739,29 @@ def _write_results(out: Path, config: RunConfig, prepared: Prepared, frame: pd.D
     return table
 
 
+def _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage_info, ranks, times, pool) -> list[dict]:
+    "The stages and the rows of every pipeline seed: the rows' results lines; `stage_info`, `ranks` and `times` are filled in."
+    wanted, plain, rows = {needs[k] for k in keys} - {None, 'plain'}, None, []
+    for seed in seeds:
+        t0, stage_seed = time.perf_counter(), seeds[0] if config.fixed_stages else seed
+        if len(seeds) > 1: log(f'[seed {seed}] pipeline seed {seed} of {seeds}' + (f' (stages of seed {stage_seed})' if stage_seed != seed else ''))
+        feats, info = run_stages(config, data, prepared, wanted, out, log, seed=stage_seed)
+        if not main: continue  # its share of the stages is done; process 0 fits the rows and writes the results
+        for name, i in info.items(): stage_info[name, stage_seed] = i
+        if 'msbr_plain' in keys:
+            if plain is None:  # pretrained encoders, no training: the same features for every seed
+                t1 = time.perf_counter()
+                plain = baselines.plain_features(data.items, config.plain, cache_dir=str(out / 'cache'))
+                stage_info['plain', seed] = dict(seconds=round(time.perf_counter() - t1, 1))
+            feats['plain'] = plain
+        times['stages'] = round(times['stages'] + time.perf_counter() - t0, 1)
+        aligned = {k: align_features(v, data.items, prepared) for k, v in feats.items()}
+        t0 = time.perf_counter()
+        rows += _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log, pool)
+        times['models'] = round(times['models'] + time.perf_counter() - t0, 1)
+    return rows
+
+
 def run(config: RunConfig, log=print) -> dict:
     "Run the experiment `config` end to end, once per pipeline seed, and write its outputs (and the results table) to `config.out`; under `accelerate launch` the MLLM stages use every process and the rest runs in process 0."
     path, keys, seeds = _data_path(config), model_keys(config), run_seeds(config)
@@ -745,27 +797,18 @@ def run(config: RunConfig, log=print) -> dict:
             skipped['msbr_plain'] = f'the plain pre-trained encoders are not installed: {baselines.PLAIN_EXTRA}'
     for k, why in skipped.items(): log(f'[skip] {MODELS[k][0]}: {why}')
     keys = [k for k in keys if k not in skipped]
-    wanted = {needs[k] for k in keys} - {None, 'plain'}
 
-    plain, stage_info, rows, ranks = None, {}, [], {}
+    stage_info, ranks = {}, {}
     times.update(stages=0.0, models=0.0)
-    for seed in seeds:
-        t0, stage_seed = time.perf_counter(), seeds[0] if config.fixed_stages else seed
-        if len(seeds) > 1: log(f'[seed {seed}] pipeline seed {seed} of {seeds}' + (f' (stages of seed {stage_seed})' if stage_seed != seed else ''))
-        feats, info = run_stages(config, data, prepared, wanted, out, log, seed=stage_seed)
-        if not main: continue  # its share of the stages is done; process 0 fits the rows and writes the results
-        for name, i in info.items(): stage_info[name, stage_seed] = i
-        if 'msbr_plain' in keys:
-            if plain is None:  # pretrained encoders, no training: the same features for every seed
-                t1 = time.perf_counter()
-                plain = baselines.plain_features(data.items, config.plain, cache_dir=str(out / 'cache'))
-                stage_info['plain', seed] = dict(seconds=round(time.perf_counter() - t1, 1))
-            feats['plain'] = plain
-        times['stages'] = round(times['stages'] + time.perf_counter() - t0, 1)
-        aligned = {k: align_features(v, data.items, prepared) for k, v in feats.items()}
-        t0 = time.perf_counter()
-        rows += _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log)
-        times['models'] = round(times['models'] + time.perf_counter() - t0, 1)
+    jobs, pool = row_jobs(config), None
+    if main and jobs > 1 and len(keys) > 1:  # spawned, not forked: a fork after torch's thread pool started can hang
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_start_row_worker,
+                                   initargs=(prepared, config, out))
+        log(f'[run] recommenders: {jobs} processes side by side, 1 torch thread each')
+    elif main: log(f'[run] recommenders: one after another, {torch.get_num_threads()} torch thread(s)')
+    try: rows = _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage_info, ranks, times, pool)
+    finally:
+        if pool is not None: pool.shutdown()
     if not main: return {}
     for (name, _), i in stage_info.items(): times[name] = round(times.get(name, 0.0) + (0.0 if i.get('reused') else i.get('seconds') or 0.0), 1)
     if main: _save_ranks(out, ranks)
@@ -854,7 +897,7 @@ def _run(args):
     "`tpad run`: a bad config or a missing data path ends with one clear line before any work starts."
     try:
         config = config_from_args(args)
-        _data_path(config), model_keys(config), run_seeds(config)
+        _data_path(config), model_keys(config), run_seeds(config), row_jobs(config)
         check_out_dir(config.out)
     except (ValueError, TypeError, OSError) as e: sys.exit(f'tpad run: {e}')
     run(config)
