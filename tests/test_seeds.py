@@ -32,6 +32,7 @@ def test_every_seed_reruns_every_stage(three_seeds):
     stages = pd.read_csv(out / 'stages.csv')
     assert sorted(zip(stages['stage'], stages['seed'])) == sorted((s, i) for s in ('stage1', 'stage2', 'align-full', 'align-no_gen') for i in range(3))
     assert not stages['reused'].any()
+    assert (stages.loc[stages['stage'] == 'align-full', 'club ceiling'] > 0).all()  # CLUB's numbers beside their ceiling
     for name in ('stage1', 'align-full'):  # each seed trained its own stage: different features
         f = [load_file(str(out / 'stages' / (name if s == 0 else f'{name}-seed{s}') / 'outputs.safetensors'))['features'] for s in range(3)]
         assert not torch.equal(f[0], f[1]) and not torch.equal(f[1], f[2])
@@ -90,3 +91,14 @@ def test_bad_seeds_are_named(tmp_path, args, says):
     r = tpad('run', *args, '--out', str(tmp_path / 'x'))
     assert r.returncode != 0 and says in r.stderr, r.stderr
     assert not (tmp_path / 'x' / 'config.json').exists()  # refused before any work
+
+
+def test_fixed_stages_vary_only_the_recommenders(three_seeds, tmp_path):
+    out, _ = three_seeds
+    run = tmp_path / 'fixed'
+    shutil.copytree(out / 'stages', run / 'stages')
+    log = run_ok('--models', 'msbr_knowledge', '--seeds', '2', '--fixed_stages', 'true', '--out', str(run))
+    assert log.count('[stage1] reused') == 1 and '[stage1] done' not in log  # seed 0's Stage 1, run once, serves both seeds
+    assert sorted(pd.read_csv(run / 'results.csv')['seed']) == [0, 1]
+    assert pd.read_csv(run / 'stages.csv')['seed'].unique().tolist() == [0]
+    assert 'the MLLM stages ran once (seed 0), only the recommenders varied' in (run / 'results.md').read_text()

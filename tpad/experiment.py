@@ -38,6 +38,7 @@ from .align import ABLATIONS, AlignConfig, AlignModel, ablation, heads_output, s
 from .msbr import MSBR, FitConfig, MSBRConfig, evaluate_model, fit
 from .metrics import METRICS
 from .stats import compare_to, mean_interval
+from .mi import channel_mi_ceiling
 from . import baselines
 from .viz import VizConfig, plot_run_alignment
 from .cases import CaseConfig, load_run_models, plot_run_cases
@@ -699,14 +700,15 @@ def _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log
     return rows
 
 
-def _stage_rows(stage_info: dict) -> pd.DataFrame:
-    "One line per (stage, seed): time, steps, reuse, and Stage 2b's before/after numbers."
-    out = []
+def _stage_rows(stage_info: dict, config: RunConfig) -> pd.DataFrame:
+    "One line per (stage, seed): time, steps, reuse, and Stage 2b's before/after numbers, CLUB's beside its channel's ceiling."
+    out, ceiling = [], channel_mi_ceiling(config.align.dim, config.align.noise)
     for (name, seed), i in stage_info.items():
         line = dict(stage=name, seed=seed, seconds=i.get('seconds'), reused=i.get('reused'), steps=i.get('steps'),
                     train_seconds=i.get('train_seconds'))
         for when in ('before', 'after'):
             line.update({f'{when} {k}': v for k, v in (i.get(when) or {}).items() if isinstance(v, (int, float))})
+        if 'after club' in line: line['club ceiling'] = round(ceiling, 3)  # the most I(z^sh; z^sp) can be on CLUB's noisy channel
         out.append(line)
     return pd.DataFrame(out)
 
@@ -741,13 +743,15 @@ def _write_results(out: Path, config: RunConfig, prepared: Prepared, frame: pd.D
 
 def _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage_info, ranks, times, pool) -> list[dict]:
     "The stages and the rows of every pipeline seed: the rows' results lines; `stage_info`, `ranks` and `times` are filled in."
-    wanted, plain, rows = {needs[k] for k in keys} - {None, 'plain'}, None, []
+    wanted, plain, rows, staged = {needs[k] for k in keys} - {None, 'plain'}, None, [], {}
     for seed in seeds:
         t0, stage_seed = time.perf_counter(), seeds[0] if config.fixed_stages else seed
         if len(seeds) > 1: log(f'[seed {seed}] pipeline seed {seed} of {seeds}' + (f' (stages of seed {stage_seed})' if stage_seed != seed else ''))
-        feats, info = run_stages(config, data, prepared, wanted, out, log, seed=stage_seed)
+        if stage_seed not in staged:  # with fixed_stages, the first seed's stages serve every seed
+            staged = {stage_seed: run_stages(config, data, prepared, wanted, out, log, seed=stage_seed)}
+            for name, i in staged[stage_seed][1].items(): stage_info[name, stage_seed] = i
+        feats = dict(staged[stage_seed][0])
         if not main: continue  # its share of the stages is done; process 0 fits the rows and writes the results
-        for name, i in info.items(): stage_info[name, stage_seed] = i
         if 'msbr_plain' in keys:
             if plain is None:  # pretrained encoders, no training: the same features for every seed
                 t1 = time.perf_counter()
@@ -825,7 +829,7 @@ def run(config: RunConfig, log=print) -> dict:
         except ValueError as e: why_no_tests = str(e)
     verdicts = claims(tests, keys, config.alpha) if 'tpad' in keys else pd.DataFrame()
     table = _write_results(out, config, prepared, frame, tests, verdicts, skipped, why_no_tests)
-    stage_frame = _stage_rows({k: v for k, v in stage_info.items() if k[0] != 'plain'})
+    stage_frame = _stage_rows({k: v for k, v in stage_info.items() if k[0] != 'plain'}, config)
     if len(stage_frame): _write_csv(out / 'stages.csv', stage_frame)
     times['total'] = round(time.perf_counter() - t_all, 1)
     first = {name: i for (name, s), i in stage_info.items() if s == _first_stage_seed(stage_info)}
