@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import Report, atomic_write
-from .mi import CLUB, MINE, MMD, NWJ, InfoNCE, fit_estimator
+from .mi import CLUB, MINE, MMD, NWJ, InfoNCE, channel_mi_ceiling, fit_estimator
 from .mllm import (MLLMConfig, _all_gather_rows, enable_gradient_checkpointing, generation_loss, pool, process_layout,
                        readout, use_adapter, wait_for_everyone)
 from .stage1 import (KnowledgeData, Stage1Config, adapter_hash, cached_item_features,
@@ -389,5 +389,7 @@ def stage2b(model, processor, items: pd.DataFrame, h_K: Tensor, h_T: Tensor, con
     e, h_K_aligned = unified_features(aligner, processor, items, config, report=report, log=log)
     after = alignment_metrics(**heads_output(aligner, h_K_aligned, h_T), temperature=config.temperature,
                               cap=config.metric_cap, seed=config.seed, noise=config.noise)
-    log('[align] ' + '; '.join(f'{k} {before[k]:.3f} -> {after[k]:.3f}' for k in ('mmd', 'infonce', 'club') if k in after))
+    log('[align] ' + '; '.join(f'{k} {before[k]:.3f} -> {after[k]:.3f}' for k in ('mmd', 'infonce', 'club') if k in after)
+        + (f' (the channel caps I(z^sh; z^sp) at {channel_mi_ceiling(config.dim, config.noise):.2f} nats: a CLUB value above it '
+           "is q's misfit, not an estimate)" if 'club' in after else ''))
     return AlignResult(aligner, e, result, before, after, report)
