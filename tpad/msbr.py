@@ -26,7 +26,7 @@ from .metrics import StreamingEvaluator, streaming_target_ranks, target_ranks, m
 from .preprocess import Prepared, Samples, collate_prefixes, prefix_loader
 
 # %% auto #0
-__all__ = ['ENCODERS', 'FUSIONS', 'MSBRConfig', 'check_msbr_config', 'right_align', 'session_graph', 'features_hash',
+__all__ = ['ENCODERS', 'FUSIONS', 'NEGATIVES', 'MSBRConfig', 'check_msbr_config', 'right_align', 'session_graph', 'features_hash',
            'ItemEmbeddings', 'SRGNNEncoder', 'GRUEncoder', 'SASRecEncoder', 'MSBR', 'score_samples', 'evaluate_model',
            'FitConfig', 'FitResult', 'check_fit_config', 'save_model', 'load_msbr', 'fit', 'seed_runs', 'mean_std',
            'predict']
@@ -371,6 +371,9 @@ def evaluate_model(model: Callable, prepared: Prepared, split: str = 'test', ks=
     return result
 
 # %% ../nbs/07_msbr.ipynb #90d349e4
+NEGATIVES = ('all', 'seen')
+
+
 @dataclass
 class FitConfig:
     "Every knob of the one training loop of the neural models."
@@ -386,6 +389,7 @@ class FitConfig:
     out_dir: str = field(default='', metadata={"help": "write the best model here as model.safetensors + model.json ('' = no checkpoint)"})
     progress: bool = field(default=False, metadata={"help": "print one line per epoch"})
     max_train_samples: int = field(default=0, metadata={"help": "train on a fixed random subset of this many training prefixes (0 = all)"})
+    negatives: str = field(default='all', metadata={"help": "training softmax over 'all' items, or only those 'seen' (clicked) in the training split: never-clicked items are then not pushed down as negatives (every item is still ranked at test)"})
 
 
 @dataclass
@@ -408,6 +412,7 @@ def check_fit_config(c: FitConfig) -> FitConfig:
     if c.l2 < 0: problems.append(f"l2 must be >= 0, not {c.l2}")
     if c.lr_step < 0: problems.append(f"lr_step must be >= 0, not {c.lr_step}")
     if c.max_train_samples < 0: problems.append(f"max_train_samples must be >= 0, not {c.max_train_samples}")
+    if c.negatives not in NEGATIVES: problems.append(f"negatives must be one of {NEGATIVES}, not {c.negatives!r}")
     if problems: raise ValueError('bad fit config: ' + '; '.join(problems))
     return c
 
@@ -465,6 +470,7 @@ def fit(model: nn.Module, prepared: Prepared, config: FitConfig | None = None) -
     if not params: raise ValueError(f"{type(model).__name__} has no trainable parameters; non-neural models use .fit(prepared)")
     device, t_start = _device_of(model), time.perf_counter()
     if hasattr(model, 'set_seen_items'): model.set_seen_items(prepared.train_counts[1:] > 0)
+    unseen = torch.as_tensor(prepared.train_counts[1:] == 0, device=device) if c.negatives == 'seen' else None
     history, best, best_state, best_epoch, bad, checkpoint = [], -1.0, None, 0, 0, None
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         torch.manual_seed(c.seed)
@@ -478,7 +484,9 @@ def fit(model: nn.Module, prepared: Prepared, config: FitConfig | None = None) -
             model.train()
             for batch in loader:
                 batch = _to(batch, device)
-                loss = F.cross_entropy(model(batch), batch['targets'] - 1)
+                scores = model(batch)
+                if unseen is not None: scores = scores.masked_fill(unseen, float('-inf'))  # targets are always seen items
+                loss = F.cross_entropy(scores, batch['targets'] - 1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
