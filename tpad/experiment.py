@@ -83,7 +83,8 @@ class RunConfig:
                              metadata={'help': 'the downstream recommender (its width, SR-GNN/SASRec settings also for the ID-only rows)'})
     item_knn: baselines.ItemKNNConfig = field(default_factory=baselines.ItemKNNConfig, metadata={'help': 'the item-kNN row'})
     sknn: baselines.SKNNConfig = field(default_factory=baselines.SKNNConfig, metadata={'help': 'the session-kNN (V-SKNN) row'})
-    fit: FitConfig = field(default_factory=FitConfig, metadata={'help': 'the one trainer of every neural recommender'})
+    fit: FitConfig = field(default_factory=lambda: FitConfig(negatives='seen'),
+                           metadata={'help': "the one trainer of every neural recommender (never-clicked items left out of the training softmax: negatives 'seen')"})
     plain: baselines.PlainFeatureConfig = field(default_factory=baselines.PlainFeatureConfig,
                                                 metadata={'help': 'the plain pre-trained image and text encoders'})
     figures: str = field(default='full', metadata={'help': "figures in out/figures: 'full' (data views, TPAD's before/after "
@@ -109,10 +110,10 @@ PRESETS: dict[str, dict] = {
     # every stage and every row at its smallest: the whole pipeline in about a minute (CI, a first look)
     'toyshop-smoke': dict(dataset='toyshop', out='runs/toyshop-smoke', progress=False, preprocess=dict(min_item_support=2), jobs=1,
                           fit=dict(epochs=1, max_train_samples=2000, lr_step=0), **_TINY_STAGES),
-    # the public session logs carry no item content: the ID-only rows
-    'diginetica': dict(dataset='diginetica', out='runs/diginetica', seeds=3, models=ID_ONLY,
+    # the public session logs carry no item content: the ID-only rows, trained by the SR-GNN literature's protocol
+    'diginetica': dict(dataset='diginetica', out='runs/diginetica', seeds=3, models=ID_ONLY, fit=dict(negatives='all'),
                        preprocess=dict(min_item_support=5, test_days=7)),
-    'yoochoose': dict(dataset='yoochoose', out='runs/yoochoose', seeds=3, models=ID_ONLY,
+    'yoochoose': dict(dataset='yoochoose', out='runs/yoochoose', seeds=3, models=ID_ONLY, fit=dict(negatives='all'),
                       preprocess=dict(min_item_support=5, test_days=1, valid_days=1)),
     # a real MLLM on a GPU: LoRA adapters on Qwen2-VL-2B, bf16, gradient checkpointing
     'amazon': dict(dataset='amazon', out='runs/amazon', seeds=3, preprocess=dict(min_item_support=5),
@@ -589,7 +590,8 @@ def protocol_text(config: RunConfig, prepared: Prepared) -> str:
             f"one sample (train {n.get('train', 0)}, validation {n.get('valid', 0)}, test {n.get('test', 0)}); test "
             f"targets never clicked in training are moved to the cold-start columns ({cold} samples). Full ranking over "
             f"all {prepared.n_items} items; HR@K, MRR@K, NDCG@K in percent. Neural models: early stopping on validation "
-            f"MRR@20 (patience {config.fit.patience}, at most {config.fit.epochs} epochs), best weights restored, test "
+            f"MRR@20 (patience {config.fit.patience}, at most {config.fit.epochs} epochs), best weights restored, training "
+            f"softmax over {'the items clicked in training' if config.fit.negatives == 'seen' else 'every item'}, test "
             f"scored once. Mean ± std over {len(seeds)} pipeline seed(s) ({', '.join(map(str, seeds))}): {varied}.")
 
 # %% ../nbs/09_experiment.ipynb #4f270a77
