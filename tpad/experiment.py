@@ -106,7 +106,7 @@ PRESETS: dict[str, dict] = {
     # every toyshop item has >= 2 clicks: support 2 keeps all 60 cold-start items (support 5 would drop 10 of them)
     # the recommenders: SR-GNN's lr 1e-3 without its decay every 3 epochs (the toyshop has ~150 steps an epoch)
     'toyshop-tiny': dict(dataset='toyshop', out='runs/toyshop-tiny', preprocess=dict(min_item_support=2),
-                         fit=dict(epochs=8, patience=2, lr_step=0)),
+                         fit=dict(epochs=20, patience=2, lr_step=0)),
     # every stage and every row at its smallest: the whole pipeline in about a minute (CI, a first look)
     'toyshop-smoke': dict(dataset='toyshop', out='runs/toyshop-smoke', progress=False, preprocess=dict(min_item_support=2), jobs=1,
                           fit=dict(epochs=1, max_train_samples=2000, lr_step=0), **_TINY_STAGES),
@@ -524,10 +524,10 @@ def paired_tests(ranks: dict, prepared: Prepared, seeds, reference: str = 'tpad'
         if samples is None or not len(samples): continue
         sessions = pd.factorize(pd.Series(samples.session_ids).astype(str))[0]
         values = {k: np.stack([per_sample(ranks[k, s][part], metric) for s in seeds]) for k in keys}  # [seeds, samples]
-        if method == 'bootstrap':  # a session is one cluster, resampled whole in every seed at once
+        if method == 'bootstrap':  # seeds and sessions both resampled; a session is one cluster, whole in every seed
             groups = np.concatenate([sessions] * len(seeds))
             table = compare_to({k: v.reshape(-1) for k, v in values.items()}, reference, groups=groups, method=method,
-                               alpha=alpha, n_boot=n_boot)
+                               alpha=alpha, n_boot=n_boot, n_seeds=len(seeds))
         else:  # Wilcoxon takes independent pairs: each sample's mean over the seeds
             table = compare_to({k: v.mean(0) for k, v in values.items()}, reference, method=method, alpha=alpha)
         table.insert(1, 'metric', metric)
@@ -730,7 +730,7 @@ def _write_results(out: Path, config: RunConfig, prepared: Prepared, frame: pd.D
     if len(tests):
         n = tests.groupby('metric').size().max()
         legend = (f"Marks: TPAD against the row, paired over the same {len(run_seeds(config))} seed(s) and test samples "
-                  f"({'bootstrap over test sessions' if config.significance == 'bootstrap' else 'Wilcoxon signed-rank per sample'}), "
+                  f"({'bootstrap over seeds and test sessions' if config.significance == 'bootstrap' else 'Wilcoxon signed-rank per sample'}), "
                   f"Holm-corrected over the {n} comparisons of each column: ▲ TPAD is better than this row at "
                   f"{config.alpha:g}, ▼ worse, = no significant difference (`significance.csv`).")
     else: legend = f"No paired tests: {why_no_tests}" if why_no_tests else ''
@@ -882,7 +882,7 @@ def evidence_markdown(folder, link: str = '') -> str:
             f"{info['load_average_after'][0]:.2f} after. Test split, full ranking over the {summary['items']} items, percent, "
             f"mean ± std over the seeds; the cold columns are the {summary['splits']['test']['cold_samples']} test samples "
             f"whose target was never clicked in training. Marks: TPAD against the row, paired over the same seeds and test "
-            f"samples (bootstrap over test sessions, Holm-corrected per column): ▲ TPAD is better at 5 %, ▼ worse, = no "
+            f"samples (bootstrap over seeds and test sessions, Holm-corrected per column): ▲ TPAD is better at 5 %, ▼ worse, = no "
             f"significant difference." + (f" The files, with the protocol and the 95 % intervals: [`evidence/{Path(folder).name}`]({link})." if link else ''))
     notes = [f"- {MODELS[k][0]}: still improving at the epoch cap in seed(s) {', '.join(map(str, r['seed']))}"
              for k, r in rows[rows.get('stopped', pd.Series(dtype=object)) == 'still improving at the epoch cap'].groupby('model', sort=False)] \

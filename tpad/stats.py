@@ -89,12 +89,45 @@ def _bootstrap_means(sums: np.ndarray, sizes: np.ndarray | None, n_boot: int, rn
         out[r0:r0 + len(idx)] = total / (sizes[idx].sum(1) if sizes is not None else G)
     return out
 
+# %% ../nbs/01a_stats.ipynb #25d4b90d
+def _seed_cluster_means(sums: np.ndarray, sizes: np.ndarray, n_boot: int, rng) -> np.ndarray:
+    "`n_boot` means of the differences with both factors drawn with replacement: seeds (rows of `sums`) and clusters (columns)."
+    S, G = sums.shape
+    rows = max(1, _BLOCK // (S * G))
+    out = np.empty(n_boot)
+    for r0 in range(0, n_boot, rows):
+        k = min(rows, n_boot - r0)
+        seeds, clusters = rng.integers(0, S, size=(k, S)), rng.integers(0, G, size=(k, G))
+        per_cluster = sums[seeds].sum(1)  # [k, G]: each cluster's sum over the drawn seeds
+        out[r0:r0 + k] = np.take_along_axis(per_cluster, clusters, 1).sum(1) / (S * sizes[clusters].sum(1))
+    return out
+
+
+def _seeded_bootstrap(d: np.ndarray, groups, n_seeds: int, n_boot: int, seed: int) -> dict:
+    "The paired bootstrap of differences `d` stacked seed by seed (the same samples in each block), seeds and clusters resampled."
+    n = len(d)
+    if n % n_seeds: raise ValueError(f"{n} samples do not split into {n_seeds} seeds of the same samples")
+    m = n // n_seeds
+    cluster = np.arange(m) if groups is None else _clusters(groups, n).reshape(n_seeds, m)
+    if groups is not None:
+        if not (cluster == cluster[0]).all(): raise ValueError("groups must give each sample the same cluster in every seed")
+        cluster = cluster[0]
+    G = int(cluster.max()) + 1
+    if G < 2: raise ValueError(f"all {m} samples are in 1 cluster: a cluster bootstrap needs at least 2 groups")
+    sums = np.stack([np.bincount(cluster, weights=row, minlength=G) for row in d.reshape(n_seeds, m)])
+    boot = _seed_cluster_means(sums, np.bincount(cluster, minlength=G).astype(np.float64), n_boot, np.random.default_rng(seed))
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    p = 2 * min((boot <= 0).mean(), (boot >= 0).mean())
+    return dict(diff=float(d.mean()), lo=float(lo), hi=float(hi), p=float(min(1.0, max(p, 1 / (n_boot + 1)))),
+                n=n, n_groups=G, n_seeds=n_seeds, method='paired bootstrap over seeds and clusters')
+
 # %% ../nbs/01a_stats.ipynb #0000001d
-def paired_bootstrap(a, b, groups=None, n_boot: int = 10_000, seed: int = 0) -> dict:
-    "Mean of `a - b` over paired samples, with a 95% (cluster) bootstrap interval and a two-sided p-value."
+def paired_bootstrap(a, b, groups=None, n_boot: int = 10_000, seed: int = 0, n_seeds: int = 1) -> dict:
+    "Mean of `a - b` over paired samples, with a 95% (cluster) bootstrap interval and a two-sided p-value; `n_seeds` > 1: seeds resampled too."
     a, b = _check_pair(a, b)
     if n_boot < 1: raise ValueError(f"n_boot must be at least 1, got {n_boot}")
     d, n = a - b, len(a)
+    if n_seeds > 1: return _seeded_bootstrap(d, groups, n_seeds, n_boot, seed)
     if groups is None: sums, sizes = d, None
     else:
         cluster = _clusters(groups, n)
