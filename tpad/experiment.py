@@ -45,12 +45,13 @@ from .cases import CaseConfig, load_run_models, plot_run_cases
 from .viz_data import category_transitions, item_grid, session_length_plot, transition_heatmap
 
 # %% auto #0
-__all__ = ['DERIVED', 'ID_ONLY', 'PRESETS', 'DATA_SOURCES', 'STAGE_SEEDS', 'MIN_FREE_MB', 'MODELS', 'TABLE_METRICS', 'MARKED',
-           'ID_ONLY_KEYS', 'CLAIMS', 'CLAIM_METRIC', 'FIGURES', 'EVIDENCE_FILES', 'EVIDENCE_COLUMNS', 'EVIDENCE_URL',
-           'RunConfig', 'make_config', 'config_arguments', 'config_from_args', 'run_seeds', 'seeded', 'check_out_dir',
-           'digest', 'save_stage', 'load_stage', 'model_keys', 'has_content', 'run_stages', 'fit_and_score',
-           'results_table', 'intervals_table', 'markdown_table', 'per_sample', 'paired_tests', 'claims', 'claims_text',
-           'protocol_text', 'run_figures', 'row_jobs', 'run', 'evidence_link', 'evidence_markdown', 'main']
+__all__ = ['DERIVED', 'ID_ONLY', 'PRESETS', 'DATA_SOURCES', 'STAGE_SEEDS', 'MIN_FREE_MB', 'MODELS', 'STILL_IMPROVING',
+           'TABLE_METRICS', 'MARKED', 'ID_ONLY_KEYS', 'CLAIMS', 'CLAIM_METRIC', 'FIGURES', 'EVIDENCE_FILES',
+           'EVIDENCE_COLUMNS', 'EVIDENCE_URL', 'RunConfig', 'make_config', 'config_arguments', 'config_from_args',
+           'run_seeds', 'seeded', 'check_out_dir', 'digest', 'save_stage', 'load_stage', 'model_keys', 'has_content',
+           'run_stages', 'capped_seeds', 'fit_and_score', 'results_table', 'intervals_table', 'markdown_table',
+           'per_sample', 'paired_tests', 'claims', 'claims_text', 'protocol_text', 'run_figures', 'row_jobs', 'run',
+           'evidence_link', 'evidence_markdown', 'main']
 
 # %% ../nbs/09_experiment.ipynb #a68db625
 @dataclass
@@ -442,6 +443,16 @@ def _recommender(key: str, prepared: Prepared, config: RunConfig, features: torc
     return MSBR(prepared.n_items, config.msbr, features=features)
 
 
+STILL_IMPROVING = 'still improving at the epoch cap'  # a row whose best epoch was the last one allowed
+
+
+def capped_seeds(rows: pd.DataFrame) -> dict:
+    "{row key: [seeds]} of the rows still improving at the epoch cap, in table order."
+    if 'stopped' not in rows: return {}
+    capped = rows[rows['stopped'] == STILL_IMPROVING]
+    return {k: r['seed'].tolist() for k, r in capped.groupby('model', sort=False)}
+
+
 def fit_and_score(key: str, prepared: Prepared, config: RunConfig, features: torch.Tensor | None, seed: int,
                   out: Path | None = None, ranks: dict | None = None) -> dict:
     "Train (neural rows: `tpad.msbr.fit`) or fit (the others) row `key` with `seed`, then score test once; `ranks` (a dict) gets the per-sample test ranks."
@@ -454,7 +465,7 @@ def fit_and_score(key: str, prepared: Prepared, config: RunConfig, features: tor
         result = fit(model, prepared, fc)
         epochs, stopped = result.best_epoch, result.stopped
         # the best epoch is the last one allowed: validation was still rising when the cap stopped it
-        if stopped == 'epochs' and epochs == fc.epochs: stopped = 'still improving at the epoch cap'
+        if stopped == 'epochs' and epochs == fc.epochs: stopped = STILL_IMPROVING
     else: model.fit(prepared)
     fit_seconds = time.perf_counter() - t0
     scores = evaluate_model(model, prepared, 'test', ranks=ranks is not None)
@@ -723,10 +734,9 @@ def _write_results(out: Path, config: RunConfig, prepared: Prepared, frame: pd.D
     if len(verdicts): _write_csv(out / 'claims.csv', verdicts)
     table = results_table(frame, tests)
     notes = [f'- skipped {MODELS[k][0]}: {why}' for k, why in skipped.items()]
-    capped = frame[frame.get('stopped', pd.Series(dtype=object)) == 'still improving at the epoch cap'] if 'stopped' in frame else frame[:0]
-    for key, r in capped.groupby('model', sort=False):
-        notes.append(f"- {MODELS[key][0]}: still improving at the epoch cap ({config.fit.epochs} epochs) in seed(s) "
-                     f"{', '.join(map(str, r['seed']))}: its validation MRR@20 peaked at the last epoch allowed")
+    for key, seeds in capped_seeds(frame).items():
+        notes.append(f"- {MODELS[key][0]}: {STILL_IMPROVING} ({config.fit.epochs} epochs) in seed(s) "
+                     f"{', '.join(map(str, seeds))}: its validation MRR@20 peaked at the last epoch allowed")
     if len(tests):
         n = tests.groupby('metric').size().max()
         legend = (f"Marks: TPAD against the row, paired over the same {len(run_seeds(config))} seed(s) and test samples "
@@ -817,9 +827,9 @@ def run(config: RunConfig, log=print) -> dict:
         if pool is not None: pool.shutdown()
     if not main: return {}
     for (name, _), i in stage_info.items(): times[name] = round(times.get(name, 0.0) + (0.0 if i.get('reused') else i.get('seconds') or 0.0), 1)
-    if main: _save_ranks(out, ranks)
-    t0 = time.perf_counter()
-    variants = [name[len('align-'):] for name, s in stage_info if name.startswith('align-') and s == _first_stage_seed(stage_info)]
+    _save_ranks(out, ranks)
+    t0, first_seed = time.perf_counter(), _first_stage_seed(stage_info)
+    variants = [name[len('align-'):] for name, s in stage_info if name.startswith('align-') and s == first_seed]
     figures, discrepancy, no_figures = run_figures(config, data, prepared, out, variants, keys, log, seed=seeds[0])
     times['figures'] = round(time.perf_counter() - t0, 1)
     frame = pd.DataFrame(rows)
@@ -834,7 +844,7 @@ def run(config: RunConfig, log=print) -> dict:
     stage_frame = _stage_rows({k: v for k, v in stage_info.items() if k[0] != 'plain'}, config)
     if len(stage_frame): _write_csv(out / 'stages.csv', stage_frame)
     times['total'] = round(time.perf_counter() - t_all, 1)
-    first = {name: i for (name, s), i in stage_info.items() if s == _first_stage_seed(stage_info)}
+    first = {name: i for (name, s), i in stage_info.items() if s == first_seed}
     alignment = {k[len('align-'):]: dict(before=v.get('before'), after=v.get('after')) for k, v in first.items()
                  if k.startswith('align-')}
     for v, numbers in discrepancy.items(): alignment[v]['discrepancy'] = numbers
@@ -884,9 +894,7 @@ def evidence_markdown(folder, link: str = '') -> str:
             f"whose target was never clicked in training. Marks: TPAD against the row, paired over the same seeds and test "
             f"samples (bootstrap over seeds and test sessions, Holm-corrected per column): ▲ TPAD is better at 5 %, ▼ worse, = no "
             f"significant difference." + (f" The files, with the protocol and the 95 % intervals: [`evidence/{Path(folder).name}`]({link})." if link else ''))
-    notes = [f"- {MODELS[k][0]}: still improving at the epoch cap in seed(s) {', '.join(map(str, r['seed']))}"
-             for k, r in rows[rows.get('stopped', pd.Series(dtype=object)) == 'still improving at the epoch cap'].groupby('model', sort=False)] \
-        if 'stopped' in rows else []
+    notes = [f"- {MODELS[k][0]}: {STILL_IMPROVING} in seed(s) {', '.join(map(str, seeds))}" for k, seeds in capped_seeds(rows).items()]
     body = [head, markdown_table(table[[c for c in EVIDENCE_COLUMNS if c in table]])]
     if notes: body.append('\n'.join(notes))
     if len(verdicts): body.append(f"The abstract's claims, on {CLAIM_METRIC} per sample:\n\n" + claims_text(verdicts.replace({np.nan: None})))
