@@ -19,9 +19,9 @@ def test_yoochoose_prepared_sample(shared):
     inter = data.interactions
     assert len(inter) == 70278 + 13568  # train_full + test; train_tr/train_valid are not read twice
     counts = inter.groupby('split').session_id.nunique()
-    assert (counts['train_full'], counts['test']) == (17794, 3416)
+    assert (counts['train'], counts['test']) == (17794, 3416)
     test_items = set(inter.loc[inter.split == 'test', 'item_id'])
-    assert test_items <= set(inter.loc[inter.split == 'train_full', 'item_id'])  # as SOURCE.md says
+    assert test_items <= set(inter.loc[inter.split == 'train', 'item_id'])  # as SOURCE.md says
 
 
 def test_yoochoose_explicit_files(shared):

@@ -340,13 +340,17 @@ def _load_yoochoose_raw(file: Path, rep: Report) -> pd.DataFrame:
     return clicks[['session_id', 'item_id', 'timestamp', 'category']]
 
 
+_YOOCHOOSE_SPLITS = {'train_full': 'train', 'train_tr': 'train', 'train_valid': 'valid', 'test': 'test'}
+
+
 def _load_yoochoose_prepared(files: list[Path], rep: Report) -> pd.DataFrame:
     parts = []
     for f in files:
         t = read_table(f, sep='\t', required=['SessionId', 'ItemId', 'Time'], report=rep)
         t = t.rename(columns={'SessionId': 'session_id', 'ItemId': 'item_id'})
         t['timestamp'] = to_seconds(t['Time'], f, 'Time')
-        t['split'] = re.sub(r'.*_(train_full|train_tr|train_valid|test)$', r'\1', f.stem)
+        part = re.sub(r'.*_(train_full|train_tr|train_valid|test)$', r'\1', f.stem)
+        t['split'] = _YOOCHOOSE_SPLITS.get(part, part)  # another file name is kept, and refused by split='given'
         parts.append(t[['session_id', 'item_id', 'timestamp', 'split']])
     return pd.concat(parts, ignore_index=True)
 

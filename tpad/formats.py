@@ -23,7 +23,7 @@ from .data import (INTERACTION_COLUMNS, ITEM_COLUMNS, DataFormatError, Report, S
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'AMAZON_VERSIONS', 'RECBOLE_TYPES', 'read_json_lines', 'user_sessions', 'number_or_nan',
            'find_images', 'detect_amazon_version', 'load_amazon', 'load_amazon2023', 'hm_text', 'load_hm',
-           'read_atomic', 'load_recbole', 'RecboleFiles', 'export_recbole']
+           'read_atomic', 'load_recbole', 'RecboleFiles', 'export_recbole', 'load_sequences']
 
 # %% ../nbs/00c_formats.ipynb #46b7072d
 def read_json_lines(path, report: Report | None = None) -> tuple[list[dict], list[int]]:
@@ -372,20 +372,47 @@ def _atomic_file(path: Path, suffix: str, dataset: str | None) -> Path | None:
     return hits[0] if hits else None
 
 
+def _benchmark_files(path: Path, dataset: str | None) -> dict:
+    "RecBole's pre-split files `<dataset>.train.inter`, `.valid.inter` (optional), `.test.inter` in folder `path`, if there."
+    if not path.is_dir(): return {}
+    trains = [path / f'{dataset}.train.inter'] if dataset else sorted(path.glob('*.train.inter'))
+    trains = [t for t in trains if t.exists()]
+    if len(trains) > 1: raise FileNotFoundError(f"{path}: several .train.inter files {[t.name for t in trains]}; pass dataset=")
+    if not trains: return {}
+    stem = trains[0].name[:-len('.train.inter')]
+    files = {s: path / f'{stem}.{s}.inter' for s in ('train', 'valid', 'test')}
+    if not files['test'].exists(): raise FileNotFoundError(f"{path}: {trains[0].name} but no {files['test'].name}")
+    return {s: f for s, f in files.items() if f.exists()}
+
+
+def _read_inter(path: Path, dataset: str | None, rep: Report) -> tuple[pd.DataFrame, Path, str]:
+    "The interactions (with a `split` column when RecBole's pre-split files are there), the file they name, the dataset name."
+    parts = _benchmark_files(path, dataset)
+    if parts:
+        frames = []
+        for s, f in parts.items():
+            t, _ = read_atomic(f, rep)
+            frames.append(t.assign(split=s))
+        rep.add('pre-split files -> split column', sum(len(f) for f in frames), sum(len(f) for f in frames),
+                note=', '.join(f'{s}: {len(f)} row(s)' for s, f in zip(parts, frames)))
+        return pd.concat(frames, ignore_index=True), parts['train'], parts['train'].name[:-len('.train.inter')]
+    inter_path = _atomic_file(path, '.inter', dataset)
+    if inter_path is None or not inter_path.exists(): raise FileNotFoundError(f"{path}: no RecBole .inter file")
+    return read_atomic(inter_path, rep)[0], inter_path, inter_path.stem
+
+
 @loader('recbole')
 def load_recbole(path, dataset: str | None = None, session_gap: float | None = None, on_unknown: str = 'error',
                  name: str | None = None) -> SessionData:
-    "RecBole atomic files `<dataset>.inter` (+ `<dataset>.item`) from a folder or the `.inter` file."
+    "RecBole atomic files `<dataset>.inter` (+ `<dataset>.item`), or the pre-split `.train/.valid/.test.inter`, from a folder or the `.inter` file."
     path = Path(path)
-    inter_path = _atomic_file(path, '.inter', dataset)
-    if inter_path is None or not inter_path.exists(): raise FileNotFoundError(f"{path}: no RecBole .inter file")
     rep = Report()
-    inter, _ = read_atomic(inter_path, rep)
+    inter, inter_path, stem = _read_inter(path, dataset, rep)
     key = 'session_id' if 'session_id' in inter else 'user_id' if 'user_id' in inter else None
     missing = [c for c, ok in [('session_id or user_id', key), ('item_id', 'item_id' in inter),
                                ('timestamp', 'timestamp' in inter)] if not ok]
     if missing: raise DataFormatError(f"{inter_path}, line 1: no field(s) {missing}; found {list(inter.columns)}")
-    item_path = inter_path.with_suffix('.item')
+    item_path = inter_path.parent / f'{stem}.item'
     if item_path.exists():
         items, _ = read_atomic(item_path, rep)
         if 'item_id' not in items: raise DataFormatError(f"{item_path}, line 1: no item_id field; found {list(items.columns)}")
@@ -398,7 +425,7 @@ def load_recbole(path, dataset: str | None = None, session_gap: float | None = N
         rep.add('no .item file', len(items), len(items), note=f'{len(items)} id-only item(s) from {inter_path.name}')
     inter = check_items(inter, items, inter_path, on_unknown, rep)
     if key == 'user_id': inter = user_sessions(inter, session_gap, report=rep)
-    return SessionData(items, inter.reset_index(drop=True), name=name or inter_path.stem, report=rep)
+    return SessionData(items, inter.reset_index(drop=True), name=name or stem, report=rep)
 
 # %% ../nbs/00c_formats.ipynb #6c1c9d49
 @dataclass
@@ -447,3 +474,41 @@ def export_recbole(data: SessionData, out_dir, name: str | None = None) -> Recbo
     _write_tsv(items, ['item_id:token', 'title:token_seq', 'text:token_seq', 'category:token', 'image:token'], files.item)
     rep.add(f'write {files.item.name}', len(items), len(items))
     return files
+
+# %% ../nbs/00c_formats.ipynb #8fc10b26
+@loader('sequences')
+def load_sequences(path, items_file: str | None = None, on_unknown: str = 'error', name: str | None = None) -> SessionData:
+    "One line per user, `userID item1 item2 ...` in time order (the leave-one-out benchmarks): one session per user, an item's position as its time."
+    path = Path(path)
+    file = path if path.is_file() else _find(path, ['user_sequence.txt', '*.txt']) if path.is_dir() else None
+    if file is None: raise FileNotFoundError(f"{path}: no user sequence file (user_sequence.txt or *.txt)")
+    rep = Report()
+    lines = _decode(file.read_bytes(), file, rep).split('\n')
+    if lines and not lines[-1].strip(): lines = lines[:-1]  # the final newline ends a line, it is not one
+    users, items, positions, first_line, blank, empty = [], [], [], {}, 0, []
+    for n, line in enumerate(lines, 1):
+        tokens = line.split()
+        if not tokens: blank += 1; continue
+        user, seq = tokens[0], tokens[1:]
+        if user in first_line:
+            raise DataFormatError(f"{file}, line {n}: user {user!r} already has line {first_line[user]}; one line per user")
+        first_line[user] = n
+        if not seq: empty.append(n); continue
+        users += [user] * len(seq); items += seq; positions += range(len(seq))
+    rep.add(f'read {file.name}', len(lines), len(first_line) - len(empty),
+            note=f'{blank} blank line(s), {len(empty)} user(s) without items' + (f' (e.g. line {empty[0]})' if empty else ''))
+    if not items: raise DataFormatError(f"{file}: no user has an item")
+    inter = pd.DataFrame({'session_id': users, 'item_id': items, 'timestamp': np.asarray(positions, dtype='float64'),
+                          'user_id': users})
+    rep.add('one session per user', len(inter), len(inter),
+            note="no timestamps in this format: an item's time is its position in its user's line")
+    if items_file is not None:
+        item_path = file.parent / items_file
+        table = read_table(item_path, required=['item_id'], report=rep)
+        check_ids(table, ['item_id'], item_path, unique='item_id')
+        if 'image' not in table: table['image'] = None
+        table = resolve_images(table, item_path.parent, rep)
+        inter = check_items(inter, table, file, on_unknown, rep)
+    else: table = items_from_interactions(inter)
+    return SessionData(table, inter.reset_index(drop=True), name=name or file.parent.name, report=rep)
+

@@ -18,24 +18,28 @@ from PIL import Image, ImageOps
 from .data import DataFormatError, Report, SessionData, check_items
 
 # %% auto #0
-__all__ = ['DAY', 'PREPROCESS_PRESETS', 'UNITS', 'PLACEHOLDER_RGB', 'PreprocessConfig', 'preprocess_config', 'Samples',
-           'prefix_samples', 'report_table', 'Prepared', 'preprocess', 'check_prepared', 'PrefixDataset',
-           'collate_prefixes', 'prefix_loader', 'load_image', 'ItemImages']
+__all__ = ['DAY', 'SPLITS', 'SPLIT_NAMES', 'PREPROCESS_PRESETS', 'UNITS', 'PLACEHOLDER_RGB', 'PreprocessConfig',
+           'preprocess_config', 'Samples', 'prefix_samples', 'report_table', 'Prepared', 'preprocess', 'check_prepared',
+           'PrefixDataset', 'collate_prefixes', 'prefix_loader', 'load_image', 'ItemImages']
 
 # %% ../nbs/00b_preprocess.ipynb #ba009c36
 DAY = 86400.0
+SPLITS = ('time', 'given', 'leave_one_out')
+SPLIT_NAMES = ('train', 'valid', 'test')
 
 
 @dataclass
 class PreprocessConfig:
     "Every threshold of the session preprocessing protocol."
-    min_session_length: int = field(default=2, metadata={"help": "drop sessions with fewer clicks than this (2 drops single clicks)"})
+    split: str = field(default='time', metadata={"help": "how the splits are made: 'time' (the last test_days are test), 'given' (the interactions' split column: train/valid/test), 'leave_one_out' (per user: the last item is test, the second-to-last validation)"})
+    min_session_length: int = field(default=2, metadata={"help": "drop sessions with fewer clicks than this (2 drops single clicks; leave_one_out needs 3 and raises it to 3)"})
     min_item_support: int = field(default=5, metadata={"help": "drop items with fewer clicks than this, counted over all splits"})
     iterative: bool = field(default=True, metadata={"help": "repeat both filters until nothing changes; False: one pass sessions, items, sessions (SR-GNN's preprocess.py)"})
-    test_days: float = field(default=7.0, metadata={"help": "sessions whose time falls in the last `test_days` days of the log are test"})
+    test_days: float = field(default=7.0, metadata={"help": "split 'time': sessions whose time falls in the last `test_days` days of the log are test"})
     validation: bool = field(default=True, metadata={"help": "hold out a validation split from the end of the training part"})
-    valid_days: float = field(default=7.0, metadata={"help": "length in days of the validation period, just before the test period"})
-    split_on: str = field(default='start', metadata={"help": "the time of a session for the split: 'start' (first click) or 'end' (last click)"})
+    valid_days: float = field(default=7.0, metadata={"help": "split 'time': length in days of the validation period, just before the test period"})
+    valid_share: float = field(default=0.1, metadata={"help": "split 'given' without a valid part: the latest share of the train sessions (by start time) becomes validation"})
+    split_on: str = field(default='start', metadata={"help": "split 'time': the time of a session for the split, 'start' (first click) or 'end' (last click)"})
     max_session_length: int | None = field(default=None, metadata={"help": "keep only the last L items of each prefix (None: the whole prefix)"})
     cold_threshold: int = field(default=5, metadata={"help": "cold-start report: a target with fewer training clicks than this is rare"})
     on_unknown: str = field(default='error', metadata={"help": "clicks on items missing from the item table: 'error', or 'drop' and count them"})
@@ -44,6 +48,8 @@ class PreprocessConfig:
 PREPROCESS_PRESETS = {
     'diginetica': PreprocessConfig(test_days=7.0, valid_days=7.0),  # SR-GNN: the last 7 days are test
     'yoochoose': PreprocessConfig(test_days=1.0, valid_days=1.0),   # GRU4Rec / SR-GNN: the last day is test
+    # SASRec / S3-Rec / TIGER on the Amazon 5-core user sequences: no further filtering, last item test
+    'leave_one_out': PreprocessConfig(split='leave_one_out', min_session_length=3, min_item_support=1, max_session_length=50),
 }
 
 
@@ -59,17 +65,22 @@ def preprocess_config(config: PreprocessConfig | str | None = None, **overrides)
     if unknown: raise TypeError(f"unknown preprocessing option(s) {unknown}; known: {known}")
     c = dataclasses.replace(config, **overrides)
     problems = []
+    if c.split not in SPLITS: problems.append(f"split must be one of {SPLITS}, not {c.split!r}")
     if c.min_session_length < 1: problems.append(f"min_session_length must be >= 1, not {c.min_session_length}")
     if c.min_item_support < 1: problems.append(f"min_item_support must be >= 1, not {c.min_item_support}")
     if not c.test_days > 0: problems.append(f"test_days must be > 0, not {c.test_days}")
     if c.validation and not c.valid_days > 0: problems.append(f"valid_days must be > 0 (or validation=False), not {c.valid_days}")
+    if not 0 < c.valid_share < 1: problems.append(f"valid_share must be in (0, 1), not {c.valid_share}")
     if c.split_on not in ('start', 'end'): problems.append(f"split_on must be 'start' or 'end', not {c.split_on!r}")
     if c.max_session_length is not None and c.max_session_length < 1:
         problems.append(f"max_session_length must be None or >= 1, not {c.max_session_length}")
     if c.cold_threshold < 1: problems.append(f"cold_threshold must be >= 1, not {c.cold_threshold}")
     if c.on_unknown not in ('error', 'drop'): problems.append(f"on_unknown must be 'error' or 'drop', not {c.on_unknown!r}")
     if problems: raise ValueError('bad preprocessing config: ' + '; '.join(problems))
+    if c.split == 'leave_one_out' and c.min_session_length < 3:  # a user needs a training, a validation and a test item
+        c = dataclasses.replace(c, min_session_length=3)
     return c
+
 
 # %% ../nbs/00b_preprocess.ipynb #4b01a0a1
 @dataclass
@@ -144,7 +155,7 @@ def report_table(report: Report) -> pd.DataFrame:
 # %% ../nbs/00b_preprocess.ipynb #9a483656
 @dataclass
 class Prepared:
-    "The output of `preprocess`: time-split sessions, prefix samples, the item map and the report of every step."
+    "The output of `preprocess`: split sessions, prefix samples, the item map and the report of every step."
     name: str
     config: PreprocessConfig
     splits: dict               # 'train'/'valid'/'test' -> clicks (session_id, item_id, timestamp, item, ...), in time order
@@ -165,12 +176,26 @@ class Prepared:
     @property
     def n_train_items(self) -> int: return int((self.train_counts > 0).sum())
 
+    @property
+    def split_rule(self) -> str:
+        "How the splits were made, in words."
+        c = self.config
+        if c.split == 'leave_one_out':
+            return ('leave-one-out: per user, the last item is the test target given the whole history, the second-to-last '
+                    'the validation target, every earlier item a training target')
+        if c.split == 'given':
+            return "the given split (the interactions' split column); " + self.report['split: valid [sessions]']['note']
+        return (f"time: test = the sessions of the last {c.test_days:g} days, validation = the {c.valid_days:g} days "
+                f"before (a session's time is its {'first' if c.split_on == 'start' else 'last'} click)")
+
     def summary(self) -> pd.DataFrame:
         "One row per split: sessions, clicks, items, samples, cold-start samples and the time span."
         rows = []
         for s, clicks in self.splits.items():
             ts = pd.to_datetime(clicks['timestamp'], unit='s', utc=True)
-            rows.append(dict(split=s, sessions=clicks['session_id'].nunique(), clicks=len(clicks),
+            users = {} if 'user_id' not in clicks else dict(users=clicks['user_id'].nunique())
+            if self.config.split == 'leave_one_out': users = dict(users=clicks['session_id'].nunique())
+            rows.append(dict(split=s, **users, sessions=clicks['session_id'].nunique(), clicks=len(clicks),
                              items=clicks['item'].nunique(), samples=len(self.samples[s]),
                              cold_samples=len(self.cold.get(s, ())),
                              first=ts.min().strftime('%Y-%m-%d %H:%M') if len(ts) else '',
@@ -198,6 +223,7 @@ def _filter(sess, item, keep, cfg: PreprocessConfig, rep: Report) -> np.ndarray:
             lengths = np.bincount(sess[keep], minlength=n_sess)
             drop = keep & (lengths[sess] < cfg.min_session_length)
             name, note = f'{label}: drop sessions with < {cfg.min_session_length} clicks', 'sessions dropped: {}'
+            if cfg.split == 'leave_one_out': note = 'users (one session each) with fewer than {min} items dropped: {{}}'.format(min=cfg.min_session_length)
         else:
             support = np.bincount(item[keep], minlength=n_item)
             drop = keep & (support[item] < cfg.min_item_support)
@@ -216,19 +242,121 @@ def _filter(sess, item, keep, cfg: PreprocessConfig, rep: Report) -> np.ndarray:
         step(f'round {rnd}', 'sessions')
         if step(f'round {rnd}', 'items') == 0: return keep  # nothing rare left: lengths are unchanged too
 
+# %% ../nbs/00b_preprocess.ipynb #127b1694
+def _check_given(inter: pd.DataFrame, name: str) -> np.ndarray:
+    "The `split` column as codes 0/1/2 (train/valid/test); a bad value raises naming its row, a session in two splits naming the session."
+    if 'split' not in inter:
+        raise DataFormatError(f"{name}: split 'given' needs a 'split' column (train, valid or test) in the interactions; "
+                              f"the csv loader reads one, the yoochoose and recbole loaders set it from their files")
+    labels = inter['split'].astype(str).str.strip().str.lower()
+    bad = ~labels.isin(SPLIT_NAMES).to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(f"{name}: interactions row {i + 1} (session {inter['session_id'].iat[i]!r}): split "
+                              f"{inter['split'].iat[i]!r} is not train, valid or test ({int(bad.sum())} such row(s))")
+    code = labels.map({s: k for k, s in enumerate(SPLIT_NAMES)}).to_numpy(dtype=np.int64)
+    per_session = pd.Series(code).groupby(inter['session_id'].to_numpy()).agg(['min', 'max'])
+    mixed = per_session[per_session['min'] != per_session['max']]
+    if len(mixed):
+        sid, (lo, hi) = mixed.index[0], mixed.iloc[0]
+        raise DataFormatError(f"{name}: the given split puts session {sid!r} in both {SPLIT_NAMES[lo]} and "
+                              f"{SPLIT_NAMES[hi]} ({len(mixed)} session(s) in more than one split): test must not share "
+                              f"sessions with train or validation")
+    return code
+
+
+def _split_sessions(cfg: PreprocessConfig, key: np.ndarray, t_max: float, given: np.ndarray | None, name: str) -> tuple[np.ndarray, list, dict]:
+    "Per session 0/1/2 (train/valid/test) by `cfg.split` ('time': `key` against the last click `t_max`, or 'given'), one note per split, and the cut times."
+    if cfg.split == 'given':
+        split_of = given.copy()
+        notes = ['split column: train', 'split column: valid', 'split column: test']
+        if not (split_of == 1).any() and cfg.validation:  # carve validation from the end of train, by start time
+            train = np.flatnonzero(split_of == 0)
+            n_valid = min(len(train) - 1, max(1, int(round(cfg.valid_share * len(train)))))  # at least one, never all
+            split_of[train[np.argsort(key[train], kind='stable')[len(train) - n_valid:]]] = 1
+            notes[1] = (f'the given split has no validation part: the latest {cfg.valid_share:g} of the train sessions '
+                        f'by start time ({n_valid})')
+        return split_of, notes, dict(valid_start=None, test_start=None, last_click=None)
+    test_cut = t_max - cfg.test_days * DAY
+    valid_cut = test_cut - cfg.valid_days * DAY if cfg.validation else test_cut
+    split_of = np.where(key > test_cut, 2, np.where(key > valid_cut, 1, 0))
+    when_v, when_t = (pd.Timestamp(t, unit='s').strftime('%Y-%m-%d %H:%M:%S') for t in (valid_cut, test_cut))
+    notes = [f'time: session {cfg.split_on} <= {when_v}',
+             f'time: {when_v} < session {cfg.split_on} <= {when_t}' if cfg.validation else 'validation=False',
+             f'time: session {cfg.split_on} > {when_t} (the last {cfg.test_days:g} days)']
+    if not (split_of == 0).any():
+        raise ValueError(f"{name}: no training sessions before {pd.Timestamp(valid_cut, unit='s')}; "
+                         f"lower test_days ({cfg.test_days}) / valid_days ({cfg.valid_days})")
+    return split_of, notes, dict(valid_start=valid_cut if cfg.validation else None, test_start=test_cut, last_click=t_max)
+
+
+def _last_per_session(samples: Samples) -> Samples:
+    "The last sample of every session (leave-one-out: the one whose target is the session's last click)."
+    ids = samples.session_ids
+    last = np.r_[ids[1:] != ids[:-1], True] if len(ids) else np.zeros(0, dtype=bool)
+    return samples.subset(last)
+
+
+def _split_rows(cfg: PreprocessConfig, rows, sess, ts, given, name):
+    "The surviving clicks reordered for the split, each click's split (0/1/2), one note per split, the cut times, the number of sessions."
+    s_r, t_r = sess[rows], ts[rows]
+    first = np.r_[True, s_r[1:] != s_r[:-1]]
+    group = np.cumsum(first) - 1
+    n_sessions = int(group[-1]) + 1
+    if cfg.split == 'leave_one_out':  # every user in every part: the last click is test, the one before it validation
+        size = np.bincount(group)
+        from_end = size[group] - 1 - (np.arange(len(rows)) - np.flatnonzero(first)[group])
+        split_click = np.where(from_end == 0, 2, np.where((from_end == 1) & cfg.validation, 1, 0))
+        notes = ['leave-one-out: every click of a user but the last two' if cfg.validation else
+                 'leave-one-out: every click of a user but the last', 'leave-one-out: the second-to-last click of each user'
+                 if cfg.validation else 'validation=False', 'leave-one-out: the last click of each user']
+        return rows, split_click, notes, dict(valid_start=None, test_start=None, last_click=None), n_sessions
+    last = np.r_[first[1:], True]
+    key = t_r[first] if cfg.split_on == 'start' or cfg.split == 'given' else t_r[last]  # one time per session
+    split_of, notes, cutoffs = _split_sessions(cfg, key, float(t_r.max()), given[rows[first]] if given is not None else None, name)
+    o = np.lexsort((np.arange(len(rows)), group, key[group]))  # sessions by their split time, clicks unchanged inside
+    rows, group = rows[o], group[o]
+    return rows, split_of[group], notes, cutoffs, n_sessions
+
+
+def _cold_start(frames: dict, samples: dict, cfg: PreprocessConfig, n_ids: int, rep: Report):
+    "Move valid/test samples whose target is never clicked in train to `cold`; the cold-start table and the train counts."
+    train_counts = np.bincount(frames['train']['item'].to_numpy(), minlength=n_ids)
+    seen = train_counts > 0
+    cold, report_rows = {}, []
+    for s in SPLIT_NAMES:
+        smp = samples[s]
+        n_train = train_counts[smp.targets]
+        unseen, rare = n_train == 0, (n_train > 0) & (n_train < cfg.cold_threshold)
+        cum = np.r_[0, np.cumsum(~seen[smp.clicks])]
+        prefix_unseen = (cum[smp.ends] - cum[smp.starts]) > 0
+        report_rows.append(dict(split=s, samples=len(smp), unseen_target=int(unseen.sum()), kept=int((~unseen).sum()),
+                                rare_target=int(rare.sum()), prefix_has_unseen=int((prefix_unseen & ~unseen).sum()),
+                                cold_threshold=cfg.cold_threshold))
+        if s == 'train': continue
+        cold[s] = smp.subset(unseen)
+        samples[s] = smp.subset(~unseen)
+        _log(rep, f'cold start: {s}', note=f'{int(unseen.sum())} sample(s) whose target is not in train moved to '
+             f'cold[{s!r}]; {int(rare.sum())} kept target(s) have < {cfg.cold_threshold} training clicks',
+             samples=(len(smp), len(samples[s])))
+    return cold, pd.DataFrame(report_rows), train_counts
+
+
 # %% ../nbs/00b_preprocess.ipynb #9406b8e8
 def preprocess(data: SessionData, config: PreprocessConfig | str | None = None, **overrides) -> Prepared:
-    "Filter, time-split, remap and cut `data` into prefix samples per `config` (a config, a preset name, or None)."
+    "Filter, split (by time, as given, or leave-one-out), remap and cut `data` into prefix samples per `config` (a config, a preset name, or None)."
     cfg = preprocess_config(config, **overrides)
     rep = Report(steps=[dict(s) for s in data.report.steps])
     inter = data.interactions
     if not len(inter): raise DataFormatError(f"{data.name}: no interactions to preprocess")
+    given = _check_given(inter, data.name) if cfg.split == 'given' else None
 
     # 1. clicks on items the item table knows
     kept = check_items(inter, data.items, f'{data.name} interactions', cfg.on_unknown)
     _log(rep, 'keep clicks on known items', note=f'on_unknown={cfg.on_unknown!r}',
          sessions=(inter['session_id'].nunique(), kept['session_id'].nunique()), clicks=(len(inter), len(kept)),
          items=(inter['item_id'].nunique(), kept['item_id'].nunique()))
+    if given is not None: given = given[inter.index.get_indexer(kept.index)]
     inter = kept.reset_index(drop=True)
     ts = inter['timestamp'].to_numpy(dtype='float64')
     if np.isnan(ts).any():
@@ -257,36 +385,19 @@ def preprocess(data: SessionData, config: PreprocessConfig | str | None = None, 
                               '; '.join(f"{s['step'][:-len(' [clicks]')]} removed {s['removed']} of {s['n_in']} clicks"
                                         for s in steps))
 
-    # 4. time split on the session time (first or last click of the kept clicks)
-    s_r, t_r = sess[rows], ts[rows]
-    first = np.r_[True, s_r[1:] != s_r[:-1]]
-    group = np.cumsum(first) - 1
-    last = np.r_[first[1:], True]
-    key = (t_r[first] if cfg.split_on == 'start' else t_r[last])  # one time per session
-    t_max = float(t_r.max())
-    test_cut = t_max - cfg.test_days * DAY
-    valid_cut = test_cut - cfg.valid_days * DAY if cfg.validation else test_cut
-    split_of = np.where(key > test_cut, 2, np.where(key > valid_cut, 1, 0))  # per session
-    o = np.lexsort((np.arange(len(rows)), group, key[group]))  # sessions by their split time, clicks unchanged inside
-    rows, group = rows[o], group[o]
-    split_click = split_of[group]
-    names = ['train', 'valid', 'test']
-    if not (split_click == 0).any():
-        raise ValueError(f"{data.name}: no training sessions before {pd.Timestamp(valid_cut, unit='s')}; "
-                         f"lower test_days ({cfg.test_days}) / valid_days ({cfg.valid_days})")
-    cutoffs = dict(valid_start=valid_cut if cfg.validation else None, test_start=test_cut, last_click=t_max)
-    n_sessions = len(key)
-    when_v, when_t = (pd.Timestamp(t, unit='s').strftime('%Y-%m-%d %H:%M:%S') for t in (valid_cut, test_cut))
-    for k, s in enumerate(names):
-        when = {0: f'session {cfg.split_on} <= {when_v}',
-                1: f'{when_v} < session {cfg.split_on} <= {when_t}' if cfg.validation else 'validation=False',
-                2: f'session {cfg.split_on} > {when_t} (the last {cfg.test_days:g} days)'}[k]
-        _log(rep, f'split: {s}', note=when, sessions=(n_sessions, int((split_of == k).sum())),
+    # 4. split: whole sessions by time or as given, or each user's last clicks (leave-one-out)
+    rows, split_click, notes, cutoffs, n_sessions = _split_rows(cfg, rows, sess, ts, given, data.name)
+    for k, s in enumerate(SPLIT_NAMES):
+        in_split = int(np.unique(sess[rows[split_click == k]]).size)
+        _log(rep, f'split: {s}', note=notes[k], sessions=(n_sessions, in_split),
              clicks=(len(rows), int((split_click == k).sum())))
 
     # 5. item index 1..n in order of first appearance in train, then valid, then test
-    codes, uniq = pd.factorize(item[rows])
-    index = (codes + 1).astype(np.int64)
+    appear = rows[np.argsort(split_click, kind='stable')]
+    uniq = pd.unique(item[appear])
+    lookup = np.zeros(len(item_keys), dtype=np.int64)
+    lookup[uniq] = np.arange(1, len(uniq) + 1)
+    index = lookup[item[rows]]
     item_ids = np.empty(len(uniq) + 1, dtype=object)
     item_ids[1:] = item_keys[uniq]
     item_index = {iid: i for i, iid in enumerate(item_ids[1:], start=1)}
@@ -297,72 +408,65 @@ def preprocess(data: SessionData, config: PreprocessConfig | str | None = None, 
 
     # 6. prefix samples per split
     frames, samples = {}, {}
-    for k, s in enumerate(names):
+    ids = sess_ids[sess[rows]]
+    for k, s in enumerate(SPLIT_NAMES):
         m = split_click == k
         frame = inter.iloc[rows[m]].reset_index(drop=True)
         frame.insert(3, 'item', index[m])
         frames[s] = frame
-        full = prefix_samples(index[m], sess_ids[sess[rows[m]]])
-        smp = prefix_samples(index[m], sess_ids[sess[rows[m]]], cfg.max_session_length)
+        if cfg.split == 'leave_one_out' and k > 0 and m.any():  # the history up to this part's click: one sample per user
+            seen = split_click <= k
+            full = _last_per_session(prefix_samples(index[seen], ids[seen]))
+            smp = _last_per_session(prefix_samples(index[seen], ids[seen], cfg.max_session_length))
+            how = f'leave-one-out: one sample per user, its whole history before its {s} click'
+        else:
+            full = prefix_samples(index[m], ids[m])
+            smp = prefix_samples(index[m], ids[m], cfg.max_session_length)
+            how = 'every click but the first of each session is a target'
         cut = int((smp.lengths < full.lengths).sum())
         samples[s] = smp
         _log(rep, f'prefix samples: {s}', changed=dict(samples=cut),
-             note=f'every click but the first of each session is a target'
-                  + (f'; {cut} prefix(es) cut to the last {cfg.max_session_length} items' if cut else ''),
+             note=how + (f'; {cut} prefix(es) cut to the last {cfg.max_session_length} items' if cut else ''),
              samples=(int(m.sum()), len(smp)))
-
-    # 7. cold start: targets never clicked in the train split
-    train_counts = np.bincount(frames['train']['item'].to_numpy(), minlength=len(item_ids))
-    seen = train_counts > 0
-    cold, report_rows = {}, []
-    for s in names:
-        smp = samples[s]
-        n_train = train_counts[smp.targets]
-        unseen, rare = n_train == 0, (n_train > 0) & (n_train < cfg.cold_threshold)
-        cum = np.r_[0, np.cumsum(~seen[smp.clicks])]
-        prefix_unseen = (cum[smp.ends] - cum[smp.starts]) > 0
-        report_rows.append(dict(split=s, samples=len(smp), unseen_target=int(unseen.sum()), kept=int((~unseen).sum()),
-                                rare_target=int(rare.sum()), prefix_has_unseen=int((prefix_unseen & ~unseen).sum()),
-                                cold_threshold=cfg.cold_threshold))
-        if s == 'train': continue
-        cold[s] = smp.subset(unseen)
-        samples[s] = smp.subset(~unseen)
-        _log(rep, f'cold start: {s}', note=f'{int(unseen.sum())} sample(s) whose target is not in train moved to '
-             f'cold[{s!r}]; {int(rare.sum())} kept target(s) have < {cfg.cold_threshold} training clicks',
-             samples=(len(smp), len(samples[s])))
-    cold_report = pd.DataFrame(report_rows)
+    cold, cold_report, train_counts = _cold_start(frames, samples, cfg, len(item_ids), rep)
     return Prepared(name=data.name, config=cfg, splits=frames, samples=samples, cold=cold, cold_report=cold_report,
                     items=table, item_ids=item_ids, item_index=item_index, train_counts=train_counts,
                     cutoffs=cutoffs, report=rep)
+
 
 # %% ../nbs/00b_preprocess.ipynb #580ed18b
 _NOT_CHAINED = ('split:', 'catalogue:', 'prefix samples:', 'cold start:', 'load item images')
 
 
 def check_prepared(p: Prepared) -> Prepared:
-    "Raise `AssertionError` listing every broken invariant of a `Prepared` (counts, id ranges, time order)."
+    "Raise `AssertionError` listing every broken invariant of a `Prepared` (counts, id ranges, split rule)."
     bad, steps = [], [s for s in p.report.steps if re.fullmatch(r'.* \[\w+\]', s['step'])]
     unit_of = lambda s: s['step'].rsplit(' [', 1)[1][:-1]
+    loo = p.config.split == 'leave_one_out'  # every user is in every part: sessions do not add up, clicks do
     for unit in ('sessions', 'clicks'):
         chain = [s for s in steps if unit_of(s) == unit and not s['step'].startswith(_NOT_CHAINED)]
         for a, b in zip(chain, chain[1:]):
             if a['n_out'] != b['n_in']: bad.append(f"{unit}: {a['step']!r} ends with {a['n_out']}, {b['step']!r} starts with {b['n_in']}")
         split_rows = [s for s in steps if unit_of(s) == unit and s['step'].startswith('split:')]
-        if chain and split_rows:
+        if chain and split_rows and not (loo and unit == 'sessions'):
             if {s['n_in'] for s in split_rows} != {chain[-1]['n_out']} or sum(s['n_out'] for s in split_rows) != chain[-1]['n_out']:
                 bad.append(f"{unit}: the splits {[s['n_out'] for s in split_rows]} do not add up to {chain[-1]['n_out']}")
     for s, frame in p.splits.items():
         if p.report[f'split: {s} [clicks]']['n_out'] != len(frame): bad.append(f"{s}: {len(frame)} clicks, the report says otherwise")
         made = p.report[f'prefix samples: {s} [samples]']
         n_cold = len(p.cold.get(s, ()))
-        if made['n_in'] != len(frame) or made['n_out'] != len(frame) - frame['session_id'].nunique() \
-                or made['n_out'] != len(p.samples[s]) + n_cold:
+        expected = len(frame) if loo and s != 'train' else len(frame) - frame['session_id'].nunique()
+        if made['n_in'] != len(frame) or made['n_out'] != expected or made['n_out'] != len(p.samples[s]) + n_cold:
             bad.append(f"{s}: prefix sample counts {made['n_in']} -> {made['n_out']} do not match the split")
         if len(frame):
             lengths = frame.groupby('session_id').size()
-            if lengths.min() < p.config.min_session_length: bad.append(f"{s}: a session has {lengths.min()} click(s)")
+            if not loo and lengths.min() < p.config.min_session_length: bad.append(f"{s}: a session has {lengths.min()} click(s)")
+            if loo and s != 'train' and lengths.max() > 1: bad.append(f"{s}: a user has {lengths.max()} {s} clicks, not one")
             if not frame['item'].between(1, p.n_items).all(): bad.append(f"{s}: item index outside 1..{p.n_items}")
             elif (p.item_ids[frame['item'].to_numpy()] != frame['item_id'].to_numpy()).any(): bad.append(f"{s}: item map mismatch")
+    if loo:
+        users = pd.concat(p.splits.values()).groupby('session_id').size()
+        if len(users) and users.min() < 3: bad.append(f"a user has {users.min()} click(s); leave-one-out needs 3")
     for s, smp in list(p.samples.items()) + [(f'cold {k}', v) for k, v in p.cold.items()]:
         if len(smp) and ((smp.clicks[smp.ends] < 1).any() or (smp.clicks.max(initial=0) > p.n_items)):
             bad.append(f"{s}: sample ids outside 1..{p.n_items}")
@@ -372,16 +476,18 @@ def check_prepared(p: Prepared) -> Prepared:
     for s in ('valid', 'test'):
         if len(p.samples[s]) and (p.train_counts[p.samples[s].targets] == 0).any():
             bad.append(f"{s}: a target never occurs in train")
-    key = 'min' if p.config.split_on == 'start' else 'max'
-    t = {s: f.groupby('session_id')['timestamp'].agg(key) for s, f in p.splits.items() if len(f)}
-    order = [s for s in ('train', 'valid', 'test') if s in t]
-    for a, b in zip(order, order[1:]):
-        if t[a].max() >= t[b].min(): bad.append(f"time order: a {a} session is not earlier than every {b} session")
-    if set(p.splits['train']['session_id']) & set(p.splits['test']['session_id']): bad.append("a session is in train and test")
+    if p.config.split == 'time':
+        key = 'min' if p.config.split_on == 'start' else 'max'
+        t = {s: f.groupby('session_id')['timestamp'].agg(key) for s, f in p.splits.items() if len(f)}
+        order = [s for s in SPLIT_NAMES if s in t]
+        for a, b in zip(order, order[1:]):
+            if t[a].max() >= t[b].min(): bad.append(f"time order: a {a} session is not earlier than every {b} session")
+    if not loo and set(p.splits['train']['session_id']) & set(p.splits['test']['session_id']): bad.append("a session is in train and test")
     if not (p.items.index == pd.RangeIndex(1, p.n_items + 1)).all() or (p.items['item_id'].to_numpy() != p.item_ids[1:]).any():
         bad.append("the item table is not in index order")
     if bad: raise AssertionError(f"{p.name}: " + '; '.join(bad))
     return p
+
 
 # %% ../nbs/00b_preprocess.ipynb #64ae2bcf
 class PrefixDataset(torch.utils.data.Dataset):
