@@ -290,7 +290,7 @@ def test_cache_write_interrupted_at_each_step(tmp_path, monkeypatch, where):
 
 def tpad_run(*args, cwd=ROOT):
     "`tpad run ARGS` with the checkout's tpad (the console script's entry point, run from the repo root)."
-    return subprocess.run([sys.executable, '-c', 'from tpad.experiment import main; main()', 'run', *map(str, args)],
+    return subprocess.run([sys.executable, '-c', 'from tpad.cli import main; main()', 'run', *map(str, args)],
                           cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
 
 

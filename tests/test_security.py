@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from tpad import experiment, mllm
+from tpad import cli, experiment, mllm
 from tpad.experiment import DERIVED, PRESETS, RunConfig, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_trust_remote_code_reaches_from_pretrained_only_when_on(monkeypatch, on)
 
 def cli_options() -> set:
     "Every `tpad run` option, without its dashes."
-    sub = next(a for a in experiment._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
     run = sub.choices['run']
     return {opt[2:] for a in run._actions for opt in a.option_strings if opt.startswith('--') and opt != '--help'}
 

@@ -14,8 +14,10 @@ import inspect
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 import typing
 from concurrent.futures import ProcessPoolExecutor
@@ -46,21 +48,22 @@ from .viz_data import category_transitions, item_grid, session_length_plot, tran
 
 # %% auto #0
 __all__ = ['DERIVED', 'ID_ONLY', 'PRESETS', 'DATA_SOURCES', 'STAGE_SEEDS', 'MIN_FREE_MB', 'MODELS', 'STILL_IMPROVING',
-           'TABLE_METRICS', 'MARKED', 'ID_ONLY_KEYS', 'CLAIMS', 'CLAIM_METRIC', 'FIGURES', 'EVIDENCE_FILES',
-           'EVIDENCE_COLUMNS', 'EVIDENCE_URL', 'RunConfig', 'make_config', 'config_arguments', 'config_from_args',
-           'run_seeds', 'seeded', 'check_out_dir', 'digest', 'save_stage', 'load_stage', 'model_keys', 'has_content',
-           'run_stages', 'capped_seeds', 'fit_and_score', 'results_table', 'intervals_table', 'markdown_table',
-           'per_sample', 'paired_tests', 'claims', 'claims_text', 'protocol_text', 'run_figures', 'row_jobs', 'run',
-           'evidence_link', 'evidence_markdown', 'main']
+           'TABLE_METRICS', 'MARKED', 'ID_ONLY_KEYS', 'CLAIMS', 'CLAIM_METRIC', 'FIGURES', 'RUN_CONTROL',
+           'PROBE_BATCHES', 'EVIDENCE_FILES', 'EVIDENCE_COLUMNS', 'EVIDENCE_URL', 'RunConfig', 'make_config',
+           'run_name', 'run_dir', 'config_arguments', 'config_from_args', 'run_seeds', 'seeded', 'check_out_dir',
+           'digest', 'save_stage', 'load_stage', 'model_keys', 'has_content', 'run_stages', 'capped_seeds',
+           'fit_and_score', 'results_table', 'intervals_table', 'markdown_table', 'per_sample', 'paired_tests',
+           'claims', 'claims_text', 'protocol_text', 'run_figures', 'rows_key', 'finished_rows', 'plan_rows',
+           'plan_stages', 'row_jobs', 'check_run', 'run', 'evidence_link', 'evidence_markdown']
 
 # %% ../nbs/09_experiment.ipynb #a68db625
 @dataclass
 class RunConfig:
     "Every knob of a `tpad run` experiment."
-    preset: str = field(default='toyshop-tiny', metadata={'help': 'named preset that the other options override'})
+    preset: str = field(default='toyshop-tiny', metadata={'help': "named preset that the other options override ('generic': the plain defaults, what --dataset without --preset gets)"})
     dataset: str = field(default='toyshop', metadata={'help': 'dataset format for tpad.data.load'})
     path: str = field(default='', metadata={'help': "dataset folder or file ('' = the bundled toyshop)"})
-    out: str = field(default='runs/toyshop-tiny', metadata={'help': 'output folder of the run'})
+    out: str = field(default='', metadata={'help': "output folder of the run ('' = runs/<name>: the preset's name, or for a generic run the data's)"})
     seeds: int = field(default=1, metadata={'help': 'pipeline seeds 0..seeds-1: each reruns Stages 1, 2a, 2b and every recommender; the table shows mean ± std over them'})
     seed_list: str = field(default='', metadata={'help': "comma-separated pipeline seeds (e.g. '0,4,7') instead of 0..seeds-1"})
     fixed_stages: bool = field(default=False, metadata={'help': 'run the MLLM stages once (first seed) and vary only the recommenders with the seed'})
@@ -68,6 +71,8 @@ class RunConfig:
     alpha: float = field(default=0.05, metadata={'help': 'significance level of the table marks and the claims (Holm-corrected)'})
     n_boot: int = field(default=5000, metadata={'help': 'bootstrap resamples of the paired test'})
     jobs: int = field(default=0, metadata={'help': 'recommender rows fitted side by side in this many processes of one torch thread each (0 = one per CPU core, at most 4; 1 = one after another in this process)'})
+    threads: int = field(default=0, metadata={'help': "torch threads of this process (0 = torch's default, one per core); keep processes x threads <= cores"})
+    plan: bool = field(default=True, metadata={'help': 'before the long work, print the plan with a time estimate from a short probe'})
     models: str = field(default='all', metadata={'help': "comma-separated rows of the table (keys of MODELS), or 'all'"})
     progress: bool = field(default=True, metadata={'help': 'progress bars for the training loops'})
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig,
@@ -106,23 +111,33 @@ _TINY_STAGES = dict(stage1=dict(train=dict(epochs=1)), stage2=dict(max_train_sam
 PRESETS: dict[str, dict] = {
     # every toyshop item has >= 2 clicks: support 2 keeps all 60 cold-start items (support 5 would drop 10 of them)
     # the recommenders: SR-GNN's lr 1e-3 without its decay every 3 epochs (the toyshop has ~150 steps an epoch)
-    'toyshop-tiny': dict(dataset='toyshop', out='runs/toyshop-tiny', preprocess=dict(min_item_support=2),
+    'toyshop-tiny': dict(dataset='toyshop', preprocess=dict(min_item_support=2),
                          fit=dict(epochs=20, patience=2, lr_step=0)),
     # every stage and every row at its smallest: the whole pipeline in about a minute (CI, a first look)
-    'toyshop-smoke': dict(dataset='toyshop', out='runs/toyshop-smoke', progress=False, preprocess=dict(min_item_support=2), jobs=1,
+    'toyshop-smoke': dict(dataset='toyshop', progress=False, plan=False, preprocess=dict(min_item_support=2), jobs=1,
                           fit=dict(epochs=1, max_train_samples=2000, lr_step=0), **_TINY_STAGES),
     # the public session logs carry no item content: the ID-only rows, trained by the SR-GNN literature's protocol
-    'diginetica': dict(dataset='diginetica', out='runs/diginetica', seeds=3, models=ID_ONLY, fit=dict(negatives='all'),
+    'diginetica': dict(dataset='diginetica', seeds=3, models=ID_ONLY, fit=dict(negatives='all'),
                        preprocess=dict(min_item_support=5, test_days=7)),
-    'yoochoose': dict(dataset='yoochoose', out='runs/yoochoose', seeds=3, models=ID_ONLY, fit=dict(negatives='all'),
+    'yoochoose': dict(dataset='yoochoose', seeds=3, models=ID_ONLY, fit=dict(negatives='all'),
                       preprocess=dict(min_item_support=5, test_days=1, valid_days=1)),
     # a real MLLM on a GPU: LoRA adapters on Qwen2-VL-2B, bf16, gradient checkpointing
-    'amazon': dict(dataset='amazon', out='runs/amazon', seeds=3, preprocess=dict(min_item_support=5),
+    'amazon': dict(dataset='amazon', seeds=3, preprocess=dict(min_item_support=5),
                    mllm=dict(model='Qwen/Qwen2-VL-2B-Instruct', dtype='bfloat16', device='auto', full_finetune=False,
                              gradient_checkpointing=True, image_size=224, max_session_items=5),
                    stage1=dict(train=dict(epochs=1, batch_size=8, lr=2e-4)),
                    stage2=dict(max_train_samples=200_000, train=dict(epochs=1, batch_size=8, lr=2e-4)),
                    align=dict(train=dict(epochs=1, batch_size=16, lr=2e-4)), msbr=dict(dim=100)),
+    # the user-sequence benchmark of SASRec, S3-Rec and their successors: leave-one-out, full ranking, ID-only rows;
+    # SASRec's Amazon settings: the last 50 items, dropout 0.5, a constant lr of 1e-3 (no SR-GNN decay)
+    'amazon-toys-ids': dict(dataset='sequences', seeds=3, models=ID_ONLY,
+                            preprocess=dict(split='leave_one_out', min_session_length=3, min_item_support=1, max_session_length=50),
+                            msbr=dict(max_length=50, dropout=0.5), fit=dict(negatives='all', epochs=20, patience=3, lr_step=0)),
+    # what a run named by --dataset alone gets: the RunConfig defaults, named after its data
+    'generic': dict(),
+    # a catalogue of 10k+ items on a few CPU cores: the MLLM stages capped in steps, the recommenders in epochs
+    'large-catalogue': dict(seeds=1, stage1=dict(train=dict(max_steps=1500)), stage2=dict(max_train_samples=20_000, max_val_samples=256),
+                            align=dict(train=dict(max_steps=1500)), fit=dict(epochs=10, patience=2), figures='none'),
 }
 
 # where a preset's data come from when `--path` is missing
@@ -130,6 +145,8 @@ DATA_SOURCES = {
     'diginetica': 'the CIKM Cup 2016 (DIGINETICA) train-item-views.csv, https://competitions.codalab.org/competitions/11161',
     'yoochoose': 'the RecSys Challenge 2015 yoochoose-clicks.dat, https://recsys.acm.org/recsys15/challenge/',
     'amazon': 'an Amazon reviews category (reviews + metadata with image URLs), https://amazon-reviews-2023.github.io/',
+    'sequences': 'a user sequence file (one line per user: userID item1 item2 ...), e.g. the Amazon Toys & Games 5-core '
+                 'user_sequence.txt of the sequential-recommendation benchmarks (S3-Rec, P5, TIGER)',
 }
 
 
@@ -167,10 +184,23 @@ def _replace(obj, changes: dict, owner: str = ''):
     return dataclasses.replace(obj, **kw)
 
 
-def make_config(preset: str = 'toyshop-tiny', **overrides) -> RunConfig:
-    "The `preset`'s RunConfig with `overrides` applied (nested configs as dicts)."
+def make_config(preset: str | None = None, **overrides) -> RunConfig:
+    "The `preset`'s RunConfig with `overrides` applied (nested configs as dicts); no preset: `toyshop-tiny` on the toyshop, else `generic`."
+    if preset is None: preset = 'toyshop-tiny' if overrides.get('dataset', 'toyshop') == 'toyshop' else 'generic'
     if preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
     return _replace(_replace(RunConfig(preset=preset), PRESETS[preset], 'config'), overrides, 'config')
+
+
+def run_name(config: RunConfig) -> str:
+    "What a run is called (its folder, its results' heading): the preset, or for a generic run its data's name."
+    if config.preset != 'generic': return config.preset
+    name = Path(config.path.rstrip('/')).stem if config.path else config.dataset
+    return re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-.') or config.dataset
+
+
+def run_dir(config: RunConfig) -> Path:
+    "The run folder: `config.out`, or `runs/<run_name>`."
+    return Path(config.out) if config.out else Path('runs') / run_name(config)
 
 # %% ../nbs/09_experiment.ipynb #12fd1f12
 def _flatten(cls, prefix: str = ''):
@@ -201,7 +231,7 @@ def config_arguments(parser: argparse.ArgumentParser, cls=RunConfig):
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     "A RunConfig from parsed options: the preset, then every option given."
     given = {k: v for k, v in vars(args).items() if k not in ('command', 'subcommand', 'func')}
-    preset = given.pop('preset', 'toyshop-tiny')
+    preset = given.pop('preset', None)
     nested: dict = {}
     for k, v in given.items():
         d = nested
@@ -596,9 +626,8 @@ def protocol_text(config: RunConfig, prepared: Prepared) -> str:
               f'the MLLM stages ran once (seed {seeds[0]}), only the recommenders varied' if stages else
               'the recommenders varied with the seed')
     return (f"**Protocol.** Dataset `{config.dataset}` ({prepared.n_items} items after filtering: sessions with at "
-            f"least {p.min_session_length} clicks, items with at least {p.min_item_support}). Time-ordered split: test = "
-            f"the last {p.test_days:g} days, validation = the {p.valid_days:g} days before. Every prefix of a session is "
-            f"one sample (train {n.get('train', 0)}, validation {n.get('valid', 0)}, test {n.get('test', 0)}); test "
+            f"least {p.min_session_length} clicks, items with at least {p.min_item_support}). Split: {prepared.split_rule}. "
+            f"Samples: train {n.get('train', 0)}, validation {n.get('valid', 0)}, test {n.get('test', 0)}; test "
             f"targets never clicked in training are moved to the cold-start columns ({cold} samples). Full ranking over "
             f"all {prepared.n_items} items; HR@K, MRR@K, NDCG@K in percent. Neural models: early stopping on validation "
             f"MRR@20 (patience {config.fit.patience}, at most {config.fit.epochs} epochs), best weights restored, training "
@@ -646,6 +675,120 @@ def run_figures(config: RunConfig, data: SessionData, prepared: Prepared, out, v
     log(f'[figures] {len(files)} files in {folder}')
     return files, numbers, skipped
 
+# %% ../nbs/09_experiment.ipynb #4c55395d
+# options that change how a run is carried out or reported, never what a row computes
+RUN_CONTROL = ('preset', 'out', 'seeds', 'seed_list', 'models', 'progress', 'jobs', 'threads', 'plan', 'significance',
+               'alpha', 'n_boot', 'figures', 'viz', 'cases')
+
+
+def rows_key(config: RunConfig, data: SessionData) -> str:
+    "What a finished row depends on: the data and every option but the run-control ones (`RUN_CONTROL`)."
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL}
+    return digest(dict(settings=settings, data=data.stats().iloc[0].to_dict()))
+
+
+def finished_rows(out, key: str) -> dict:
+    "{(row, seed): (results line, test ranks)} of the rows an earlier run with the same `rows_key` finished in `out`."
+    out = Path(out)
+    files = [out / 'progress.json', out / 'results.csv', out / 'ranks.safetensors']
+    if not all(f.is_file() for f in files): return {}
+    progress = json.loads(files[0].read_text())
+    if progress.get('key') != key: return {}
+    done = {(k, int(s)) for k, s in progress.get('rows', [])}
+    table, tensors, found = pd.read_csv(files[1]), load_file(str(files[2])), {}
+    for line in table.to_dict('records'):
+        row = (line['model'], int(line['seed']))
+        parts = {p: tensors.get(f'{row[0]}/seed{row[1]}/{p}') for p in ('overall', 'cold')}
+        if row in done and parts['overall'] is not None:
+            found[row] = ({k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in line.items()}, parts)
+    return found
+
+
+def _save_progress(out: Path, key: str, rows: list[dict], ranks: dict, config: RunConfig, prepared: Prepared, skipped: dict, total: int):
+    "After each row: results.csv, the ranks, progress.json and a results.md saying how many rows are done."
+    frame = pd.DataFrame(rows)
+    _write_csv(out / 'results.csv', frame)
+    _save_ranks(out, ranks)
+    _write_json(out / 'progress.json', dict(key=key, rows=[[r['model'], int(r['seed'])] for r in rows]))
+    _write_results(out, config, prepared, frame, pd.DataFrame(), pd.DataFrame(), skipped,
+                   f'{len(rows)} of {total} row(s) finished; the paired tests come when every row is done')
+
+
+# %% ../nbs/09_experiment.ipynb #60301615
+PROBE_BATCHES = 4  # training steps a probe times (after one warm-up step)
+
+
+def _timed(f) -> float:
+    t0 = time.perf_counter(); f()
+    return time.perf_counter() - t0
+
+
+def _probe_row(key: str, prepared: Prepared, config: RunConfig, features) -> dict:
+    "Row `key`'s seconds per training step and per scored sample, from a few steps on real batches (nothing is kept)."
+    model, probe_valid = _recommender(key, prepared, config, features, 0), 500
+    small = dataclasses.replace(prepared, samples=dict(prepared.samples, valid=prepared.samples['valid'].subset(
+        np.arange(min(probe_valid, len(prepared.samples['valid']))))))
+    if not isinstance(model, torch.nn.Module):
+        fit_s = _timed(lambda: model.fit(prepared))
+        score_s = _timed(lambda: evaluate_model(model, small, 'valid'))
+        return dict(fit=fit_s, per_sample=score_s / max(1, len(small.samples['valid'])))
+    fc = dataclasses.replace(config.fit, epochs=1, patience=1, out_dir='', progress=False)
+    one = _timed(lambda: fit(_recommender(key, prepared, config, features, 0), small,
+                             dataclasses.replace(fc, max_train_samples=fc.batch_size)))
+    more = _timed(lambda: fit(model, small, dataclasses.replace(fc, max_train_samples=fc.batch_size * (1 + PROBE_BATCHES))))
+    step = max(more - one, 0.0) / PROBE_BATCHES
+    return dict(step=step, per_sample=max(one - step, 0.0) / max(1, len(small.samples['valid'])))
+
+
+def plan_rows(config: RunConfig, prepared: Prepared, keys, n_seeds: int, feature_dim: int = 64) -> pd.DataFrame:
+    "Each row's work and its estimated seconds per seed, from a short probe (neural rows: every epoch up to the cap, the most early stopping allows)."
+    n_train = min(len(prepared.samples['train']), config.fit.max_train_samples or len(prepared.samples['train']))
+    n_valid, n_test = len(prepared.samples['valid']), len(prepared.samples['test']) + len(prepared.cold.get('test', ()))
+    steps = -(-n_train // config.fit.batch_size)
+    fake = torch.randn(prepared.n_items, feature_dim)  # the features come later: a stand-in of their usual width
+    out, probes = [], {}
+    for key in keys:
+        kind = 'features' if MODELS[key][1] is not None else key
+        if kind not in probes: probes[kind] = _probe_row(key, prepared, config, fake if kind == 'features' else None)
+        p = probes[kind]
+        if 'step' in p:
+            epoch = steps * p['step'] + n_valid * p['per_sample']
+            work, seconds = f"{config.fit.epochs} epoch(s) x {steps} steps", config.fit.epochs * epoch + n_test * p['per_sample']
+        else: work, seconds = 'fit once, score test', p['fit'] + n_test * p['per_sample']
+        out.append(dict(row=key, work=work, seconds_per_seed=round(seconds, 1), seconds=round(seconds * n_seeds, 1)))
+    return pd.DataFrame(out)
+
+
+def plan_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted, n_seeds: int) -> pd.DataFrame:
+    "The MLLM stages' optimiser steps per seed and their estimated time, from two steps of Stage 1 and one extraction batch."
+    if not wanted: return pd.DataFrame()
+    model, processor = load_mllm(config.mllm, texts=corpus_texts(data.items) if config.mllm.model == '' else None)
+    model = add_adapters(model, config.mllm)
+    with tempfile.TemporaryDirectory() as tmp:
+        s1 = dataclasses.replace(config.stage1, mllm=config.mllm, cache_dir=tmp, train=dataclasses.replace(
+            config.stage1.train, out_dir=tmp, max_steps=2, progress=False, overwrite=True, eval_every=0, save_every=0))
+        train_s = _timed(lambda: train_knowledge(model, processor, data.items, s1))
+        batch = data.items.head(config.stage1.extract_batch_size)
+        s1x = dataclasses.replace(s1, cache_dir=str(Path(tmp) / 'x'))
+        extract_s = _timed(lambda: knowledge_features(model, processor, batch, s1x, log=lambda *a, **k: None)) / max(1, len(batch))
+    step = train_s / 2
+    per_epoch = lambda n, b: -(-n // b)
+    n_items = len(data.items)
+    rows = [('stage1', config.stage1.train, per_epoch(n_items, config.stage1.train.batch_size), n_items)]
+    if wanted - {'h_K'}:
+        n2 = min(len(prepared.samples['train']), config.stage2.max_train_samples or len(prepared.samples['train']))
+        rows.append(('stage2', config.stage2.train, per_epoch(n2, config.stage2.train.batch_size), n_items))
+    rows += [(f'align-{v}', config.align.train, per_epoch(n_items, config.align.train.batch_size), n_items)
+             for v in ABLATIONS if v in wanted]
+    out = []
+    for name, tc, per, n_extract in rows:
+        n_steps = min(tc.epochs * per, tc.max_steps) if tc.max_steps else tc.epochs * per
+        seconds = n_steps * step + n_extract * extract_s
+        out.append(dict(row=name, work=f'{n_steps} steps, {n_extract} items extracted', seconds_per_seed=round(seconds, 1),
+                        seconds=round(seconds * n_seeds, 1)))
+    return pd.DataFrame(out)
+
+
 # %% ../nbs/09_experiment.ipynb #6f039000
 def _load_options(config: RunConfig) -> dict:
     "Options of the dataset's loader that the config sets: `preprocess.on_unknown` where the loader checks unknown items itself."
@@ -678,11 +821,15 @@ def _save_ranks(out: Path, ranks: dict):
     if tensors: atomic_write(lambda p: save_file(tensors, str(p)), out / 'ranks.safetensors')
 
 
+def _cores() -> int:
+    "The CPU cores this process may use."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
 def row_jobs(config: RunConfig) -> int:
     "How many processes fit the recommender rows: `config.jobs`, or one per CPU core (at most 4) when it is 0."
     if config.jobs < 0: raise ValueError(f"config.jobs must be >= 0 (0 = one per CPU core), not {config.jobs}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return config.jobs or min(cores, 4)
+    return config.jobs or min(_cores(), 4)
 
 
 _WORKER: dict = {}
@@ -700,16 +847,20 @@ def _fit_row(key: str, features, seed: int) -> tuple[dict, dict]:
     return fit_and_score(key, _WORKER['prepared'], _WORKER['config'], features, seed, _WORKER['out'], ranks), ranks
 
 
-def _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log, pool=None) -> list[dict]:
-    "Fit and score every row with pipeline seed `seed` (in `pool`'s processes if given); each row's per-sample test ranks go into `ranks[key, seed]`."
-    if pool is not None: futures = {key: pool.submit(_fit_row, key, aligned.get(needs[key]), seed) for key in keys}
+def _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log, pool=None, done=None, on_row=None) -> list[dict]:
+    "Fit and score every row with pipeline seed `seed` (in `pool`'s processes if given), keeping those in `done`; each row's per-sample test ranks go into `ranks[key, seed]`, its line to `on_row`."
+    done = done or {}
+    todo = [k for k in keys if (k, seed) not in done]
+    if pool is not None: futures = {key: pool.submit(_fit_row, key, aligned.get(needs[key]), seed) for key in todo}
     rows = []
     for key in keys:
-        if pool is not None: row, ranks[key, seed] = futures[key].result()
+        if (key, seed) in done: row, ranks[key, seed] = done[key, seed]
+        elif pool is not None: row, ranks[key, seed] = futures[key].result()
         else: ranks[key, seed] = {}; row = fit_and_score(key, prepared, config, aligned.get(needs[key]), seed, out, ranks[key, seed])
         rows.append(row)
-        log(f"[{key}] {MODELS[key][0]} (seed {seed}): test HR@20 {100 * row['HR@20']:.2f}, MRR@20 "
-            f"{100 * row['MRR@20']:.2f} ({row['seconds']:.1f} s)")
+        if key in todo: log(f"[{key}] {MODELS[key][0]} (seed {seed}): test HR@20 {100 * row['HR@20']:.2f}, MRR@20 "
+                            f"{100 * row['MRR@20']:.2f} ({row['seconds']:.1f} s)")
+        if on_row is not None: on_row(row)
     return rows
 
 
@@ -744,7 +895,7 @@ def _write_results(out: Path, config: RunConfig, prepared: Prepared, frame: pd.D
                   f"Holm-corrected over the {n} comparisons of each column: ▲ TPAD is better than this row at "
                   f"{config.alpha:g}, ▼ worse, = no significant difference (`significance.csv`).")
     else: legend = f"No paired tests: {why_no_tests}" if why_no_tests else ''
-    text = (f"# Results: {config.preset}\n\n{protocol_text(config, prepared)}\n\n{markdown_table(table)}\n\n{legend}\n\n"
+    text = (f"# Results: {run_name(config)}\n\n{protocol_text(config, prepared)}\n\n{markdown_table(table)}\n\n{legend}\n\n"
             f"95 % intervals of the means over seeds (Student t; one seed has none):\n\n{markdown_table(intervals_table(frame))}\n"
             + ('\n' + '\n'.join(notes) + '\n' if notes else '')
             + (f"\n## Claims\n\nThe abstract's claims this run can test, on {CLAIM_METRIC} per sample, paired as above:\n\n"
@@ -753,18 +904,20 @@ def _write_results(out: Path, config: RunConfig, prepared: Prepared, frame: pd.D
     return table
 
 
-def _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage_info, ranks, times, pool) -> list[dict]:
-    "The stages and the rows of every pipeline seed: the rows' results lines; `stage_info`, `ranks` and `times` are filled in."
-    wanted, plain, rows, staged = {needs[k] for k in keys} - {None, 'plain'}, None, [], {}
+def _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage_info, ranks, times, pool, done, on_row) -> None:
+    "The stages and the rows of every pipeline seed; rows in `done` are kept, not refitted; `on_row` gets every row's line."
+    plain, staged = None, {}
     for seed in seeds:
         t0, stage_seed = time.perf_counter(), seeds[0] if config.fixed_stages else seed
+        todo = [k for k in keys if (k, seed) not in done]
         if len(seeds) > 1: log(f'[seed {seed}] pipeline seed {seed} of {seeds}' + (f' (stages of seed {stage_seed})' if stage_seed != seed else ''))
         if stage_seed not in staged:  # with fixed_stages, the first seed's stages serve every seed
+            wanted = {needs[k] for k in keys for s in (seeds if config.fixed_stages else [seed]) if (k, s) not in done} - {None, 'plain'}
             staged = {stage_seed: run_stages(config, data, prepared, wanted, out, log, seed=stage_seed)}
             for name, i in staged[stage_seed][1].items(): stage_info[name, stage_seed] = i
         feats = dict(staged[stage_seed][0])
         if not main: continue  # its share of the stages is done; process 0 fits the rows and writes the results
-        if 'msbr_plain' in keys:
+        if 'msbr_plain' in todo:
             if plain is None:  # pretrained encoders, no training: the same features for every seed
                 t1 = time.perf_counter()
                 plain = baselines.plain_features(data.items, config.plain, cache_dir=str(out / 'cache'))
@@ -773,22 +926,54 @@ def _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage
         times['stages'] = round(times['stages'] + time.perf_counter() - t0, 1)
         aligned = {k: align_features(v, data.items, prepared) for k, v in feats.items()}
         t0 = time.perf_counter()
-        rows += _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log, pool)
+        _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log, pool, done, on_row)
         times['models'] = round(times['models'] + time.perf_counter() - t0, 1)
-    return rows
+
+
+def _print_plan(config, data, prepared, keys, needs, seeds, done, world, log) -> pd.DataFrame:
+    "Log what the run will do and an estimate of how long, from a short probe, before the long work starts."
+    todo = [k for k in keys if any((k, s) not in done for s in seeds)]
+    n_seeds = len(seeds)
+    wanted = {needs[k] for k in todo} - {None, 'plain'}
+    parts = []
+    if wanted and world == 1:
+        parts.append(plan_stages(config, data, prepared, wanted, 1 if config.fixed_stages else n_seeds))
+    if todo: parts.append(plan_rows(config, prepared, todo, n_seeds))
+    plan = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if not len(plan): return plan
+    jobs = row_jobs(config) if len(todo) > 1 else 1
+    rows_s = plan[~plan['row'].str.startswith(('stage', 'align'))]['seconds'].sum()
+    total = plan['seconds'].sum() - rows_s + rows_s / jobs
+    log(f"[plan] {len(todo)} row(s) x {n_seeds} seed(s) on {prepared.n_items} items, {len(prepared.samples['train'])} "
+        f"training samples; estimated from a short probe (neural rows: every epoch up to the cap; MLLM Stages 2a and "
+        f"2b at Stage 1's seconds per step):\n" + plan.to_string(index=False)
+        + f"\n[plan] about {total / 60:.1f} min in all ({jobs} row process(es)); --plan false skips this probe")
+    return plan
+
+
+def check_run(config: RunConfig) -> RunConfig:
+    "Every check `tpad run` makes before any work: the data path, the rows, the seeds, the processes and threads, the run folder."
+    _data_path(config), model_keys(config), run_seeds(config), row_jobs(config)
+    if config.threads < 0: raise ValueError(f"config.threads must be >= 0 (0 = torch's default), not {config.threads}")
+    check_out_dir(run_dir(config))
+    return config
 
 
 def run(config: RunConfig, log=print) -> dict:
-    "Run the experiment `config` end to end, once per pipeline seed, and write its outputs (and the results table) to `config.out`; under `accelerate launch` the MLLM stages use every process and the rest runs in process 0."
+    "Run the experiment `config` end to end, once per pipeline seed, and write its outputs (and the results table) to its run folder (`run_dir`); under `accelerate launch` the MLLM stages use every process and the rest runs in process 0."
     path, keys, seeds = _data_path(config), model_keys(config), run_seeds(config)
     if config.figures not in FIGURES: raise ValueError(f"config.figures must be one of {FIGURES}, not {config.figures!r}")
     if config.significance not in ('bootstrap', 'wilcoxon', 'none'):
         raise ValueError(f"config.significance must be 'bootstrap', 'wilcoxon' or 'none', not {config.significance!r}")
+    if config.threads < 0: raise ValueError(f"config.threads must be >= 0 (0 = torch's default), not {config.threads}")
     rank, world = process_layout()
     main = rank == 0
     if not main: log = lambda *a, **k: None  # one voice per run
     elif world > 1: log(f'[run] {world} processes: the MLLM stages are shared; the rest runs in process 0')
-    out = check_out_dir(config.out)  # before any work: an unwritable or full disk fails here, naming the folder
+    if config.threads: torch.set_num_threads(config.threads)
+    out = check_out_dir(run_dir(config))  # before any work: an unwritable or full disk fails here, naming the folder
+    log(f'[run] {run_name(config)} -> {out}; {torch.get_num_threads()} torch thread(s) in this process '
+        f'(--threads; keep processes x threads <= the {_cores()} core(s))')
     if main: _write_json(out / 'config.json', dataclasses.asdict(config))
     times, t_all = {}, time.perf_counter()
     t0 = time.perf_counter()
@@ -797,7 +982,7 @@ def run(config: RunConfig, log=print) -> dict:
     log(f"[data] {data}")
     prepared = preprocess(data, config.preprocess)
     report, splits = report_table(prepared.report), prepared.summary()
-    log(f"[preprocess] {prepared}")
+    log(f"[preprocess] {prepared}; split: {prepared.split_rule}")
     if main:
         _write_csv(out / 'stats.csv', stats)
         _write_csv(out / 'preprocess_report.csv', prepared.report.to_frame())
@@ -814,18 +999,34 @@ def run(config: RunConfig, log=print) -> dict:
     for k, why in skipped.items(): log(f'[skip] {MODELS[k][0]}: {why}')
     keys = [k for k in keys if k not in skipped]
 
-    stage_info, ranks = {}, {}
+    key = rows_key(config, data)
+    done = {r: v for r, v in finished_rows(out, key).items() if r[0] in keys and r[1] in seeds} if main else {}
+    if done: log(f"[resume] {len(done)} row(s) finished by an earlier run in {out} with the same settings are kept, not "
+                 f"refitted: " + ', '.join(f'{k} seed {s}' for k, s in done))
+    if config.plan and main: _print_plan(config, data, prepared, keys, needs, seeds, done, world, log)
+    stage_info, ranks, rows = {}, {}, []
+
+    def on_row(row):
+        rows.append(row)
+        _save_progress(out, key, rows, ranks, config, prepared, skipped, len(keys) * len(seeds))
+
     times.update(stages=0.0, models=0.0)
     jobs, pool = row_jobs(config), None
-    if main and jobs > 1 and len(keys) > 1:  # spawned, not forked: a fork after torch's thread pool started can hang
+    n_todo = sum((k, s) not in done for k in keys for s in seeds)
+    if main and jobs > 1 and n_todo > 1:  # spawned, not forked: a fork after torch's thread pool started can hang
         pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_start_row_worker,
                                    initargs=(prepared, config, out))
         log(f'[run] recommenders: {jobs} processes side by side, 1 torch thread each')
     elif main: log(f'[run] recommenders: one after another, {torch.get_num_threads()} torch thread(s)')
-    try: rows = _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage_info, ranks, times, pool)
+    try: _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage_info, ranks, times, pool, done, on_row)
     finally:
         if pool is not None: pool.shutdown()
     if not main: return {}
+    return _finish(config, data, prepared, stats, splits, keys, seeds, out, rows, ranks, stage_info, skipped, times, t_all, log)
+
+
+def _finish(config, data, prepared, stats, splits, keys, seeds, out, rows, ranks, stage_info, skipped, times, t_all, log) -> dict:
+    "After the last row: figures, paired tests, claims, results.md, stages.csv and summary.json."
     for (name, _), i in stage_info.items(): times[name] = round(times.get(name, 0.0) + (0.0 if i.get('reused') else i.get('seconds') or 0.0), 1)
     _save_ranks(out, ranks)
     t0, first_seed = time.perf_counter(), _first_stage_seed(stage_info)
@@ -899,41 +1100,3 @@ def evidence_markdown(folder, link: str = '') -> str:
     if notes: body.append('\n'.join(notes))
     if len(verdicts): body.append(f"The abstract's claims, on {CLAIM_METRIC} per sample:\n\n" + claims_text(verdicts.replace({np.nan: None})))
     return '\n\n'.join(body)
-
-# %% ../nbs/09_experiment.ipynb #29f8b827
-def _stats(args):
-    data = load(args.dataset, args.path or None)
-    print(data.stats().to_string(index=False))
-    if args.report: print('\n' + data.report.to_frame().to_string(index=False))
-
-
-def _run(args):
-    "`tpad run`: a bad config or a missing data path ends with one clear line before any work starts."
-    try:
-        config = config_from_args(args)
-        _data_path(config), model_keys(config), run_seeds(config), row_jobs(config)
-        check_out_dir(config.out)
-    except (ValueError, TypeError, OSError) as e: sys.exit(f'tpad run: {e}')
-    run(config)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='tpad', description='TPAD: multimodal LLMs for session-based recommendation')
-    sub = parser.add_subparsers(dest='command', required=True)
-    run_p = sub.add_parser('run', help='run an experiment end to end (default preset: toyshop-tiny)')
-    config_arguments(run_p)
-    run_p.set_defaults(func=_run)
-    data_p = sub.add_parser('data', help='dataset tools')
-    data_sub = data_p.add_subparsers(dest='subcommand', required=True)
-    stats_p = data_sub.add_parser('stats', help="print a dataset's statistics table")
-    stats_p.add_argument('--dataset', default='toyshop', help='dataset format (tpad.data.load name)')
-    stats_p.add_argument('--path', default='', help="dataset folder or file ('' = the bundled toyshop)")
-    stats_p.add_argument('--report', action='store_true', help='also print what loading replaced or removed')
-    stats_p.set_defaults(func=_stats)
-    return parser
-
-
-def main(argv=None):
-    "Entry point of the `tpad` console script."
-    args = _parser().parse_args(argv)
-    args.func(args)
