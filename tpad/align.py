@@ -21,15 +21,15 @@ from .data import Report, atomic_write
 from .mi import CLUB, MINE, MMD, NWJ, InfoNCE, channel_mi_ceiling, fit_estimator
 from .mllm import (MLLMConfig, _all_gather_rows, enable_gradient_checkpointing, generation_loss, pool, process_layout,
                        readout, use_adapter, wait_for_everyone)
-from .stage1 import (KnowledgeData, Stage1Config, adapter_hash, cached_item_features,
-                         feature_key, save_features, tiny_stage1_config)
+from .stage1 import (KnowledgeData, KnowledgeTarget, Stage1Config, adapter_hash, cached_item_features,
+                         check_knowledge_target, feature_key, save_features, tiny_stage1_config)
 from .stage2 import _feature_dim
 from .train import TrainConfig, TrainResult, history_frame, train
 
 # %% auto #0
 __all__ = ['ESTIMATORS', 'SCHEDULES', 'ABLATIONS', 'TERMS', 'AlignConfig', 'ablation', 'tiny_align_config', 'head', 'channel',
-           'AlignModel', 'AlignData', 'AlignLoss', 'fit_q', 'heads_output', 'alignment_metrics', 'align',
-           'unified_features', 'AlignResult', 'stage2b']
+           'AlignModel', 'AlignData', 'AlignLoss', 'fit_q', 'heads_output', 'alignment_metrics', 'generation_target',
+           'align', 'unified_features', 'AlignResult', 'stage2b']
 
 # %% ../nbs/06_alignment.ipynb #83a163af
 ESTIMATORS = ('infonce', 'nwj', 'mine')
@@ -58,7 +58,7 @@ class AlignConfig:
     noise: float = field(default=1.0, metadata={'help': 'std of the Gaussian noise on the standardised codes that CLUB and the reconstruction read (> 0 keeps I(z^sh; z^sp) finite)'})
     rec: float = field(default=1.0, metadata={'help': "weight of reconstructing sg(h^K) from the noisy codes (z^sp's job; 0 = off)"})
     schedule: str = field(default='sequential', metadata={'help': "'sequential' (transfer adapter frozen, h^T from the cache) or 'joint' (h^T recomputed and the transfer adapter trained too)"})
-    target_field: str = field(default='text', metadata={'help': "L_gen^K: item column generated as knowledge (as in Stage 1)"})
+    target_field: str = field(default='auto', metadata={'help': "L_gen^K: item column generated as knowledge, as in Stage 1 ('auto' makes Stage 1's choice on the same items; the target 'none' sets alpha to 0)"})
     target_sentences: int = field(default=0, metadata={'help': 'L_gen^K: keep the first N sentences of the target (0 = all)'})
     answer_field: str = field(default='category', metadata={'help': "L_gen^K: item column that answers the readout instruction first ('' = none)"})
     max_target_tokens: int = field(default=64, metadata={'help': 'L_gen^K: cut the target to this many tokens'})
@@ -317,10 +317,17 @@ def alignment_metrics(z_sh: Tensor, t: Tensor, z_sp: Tensor | None = None, tempe
     return out
 
 # %% ../nbs/06_alignment.ipynb #496127b6
+def generation_target(items: pd.DataFrame, config: AlignConfig) -> tuple[AlignConfig, KnowledgeTarget]:
+    "(`config` with its generation target resolved on `items`, alpha 0 for the target 'none'; the target)."
+    target = check_knowledge_target(items, config, option='align.target_field')
+    return replace(config, target_field=target.field, **(dict(alpha=0.0) if target.field == 'none' else {})), target
+
+
 def align(model, processor, items: pd.DataFrame, h_T: Tensor, config: AlignConfig, aligner: AlignModel | None = None,
           report: Report | None = None) -> tuple[AlignModel, TrainResult]:
     "Train the `knowledge` adapter and the heads on L_2 (h^T: the Stage 2a features of `items`, in the same order)."
     if len(h_T) != len(items): raise ValueError(f'h_T has {len(h_T)} rows for {len(items)} items')
+    config, _ = generation_target(items, config)  # Stage 1's target; 'none': alpha 0
     aligner = aligner if aligner is not None else AlignModel(model, h_T, config)
     data = AlignData(items, processor, config, report)
     if not len(data): raise ValueError('no item has a generation target: nothing to align on')
@@ -381,6 +388,8 @@ def stage2b(model, processor, items: pd.DataFrame, h_K: Tensor, h_T: Tensor, con
     "Run Stage 2b: measure, align the knowledge adapter with h^T, export e^LLM, measure again."
     report = Report()
     if process_layout()[0] != 0: log = lambda *a, **k: None  # under `accelerate launch`: one voice per run
+    config, target = generation_target(items, config)
+    log(f'[align] {target.note}')
     aligner = AlignModel(model, h_T, config)
     before = alignment_metrics(**heads_output(aligner, h_K, h_T), temperature=config.temperature, cap=config.metric_cap,
                                seed=config.seed, noise=config.noise)

@@ -9,7 +9,7 @@ import contextlib
 import io
 import json
 import textwrap
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -75,21 +75,34 @@ class CaseConfig:
     def kind_list(self) -> list[str]: return [k.strip() for k in self.kinds.split(',') if k.strip()]
 
 # %% ../nbs/11_case_studies.ipynb #7dbe71ba
-# tpad run's row keys -> (display name, the stage whose `features` the row was trained with; None = ID only)
+# tpad run's row keys -> (display name, the stage whose `features` the row was trained with; None = ID only;
+# 'plain' = the plain pre-trained features in the run's cache)
 RUN_MODELS = {
     'gru4rec': ('GRU4Rec', None), 'srgnn': ('SR-GNN', None), 'sasrec': ('SASRec', None),
+    'msbr_plain': ('MSBR + plain pre-trained features', 'plain'),
     'msbr_knowledge': ('MSBR + Knowledge-MLLM features (Stage 1)', 'stage1'),
     'msbr_transfer': ('MSBR + Transfer-MLLM features (Stage 2a)', 'stage2'),
     'tpad': ('TPAD', 'align-full'), 'tpad_no_mi': ('TPAD w/o MI alignment', 'align-no_mi'),
     'tpad_no_disentangle': ('TPAD w/o disentanglement', 'align-no_disentangle'),
     'tpad_no_gen': ('TPAD w/o generation task', 'align-no_gen'),
 }
-NOT_SAVED = {'pop': 'Pop', 'item_knn': 'item-kNN', 'sknn': 'S-kNN', 'msbr_plain': 'MSBR + plain pre-trained features'}
+NOT_SAVED = {'pop': 'Pop', 'item_knn': 'item-kNN', 'sknn': 'S-kNN'}
+
+
+def _run_plain_features(run_dir: Path, items: pd.DataFrame) -> Tensor:
+    "The run's plain pre-trained features: its cache `cache/plain`, with the plain-encoder settings of its config.json."
+    from tpad import baselines
+    config_file = run_dir / 'config.json'
+    if not config_file.is_file(): raise FileNotFoundError(f'{config_file}: no such file; the plain features need the settings of the run')
+    saved = json.loads(config_file.read_text()).get('plain') or {}
+    config = baselines.PlainFeatureConfig(**{k: v for k, v in saved.items() if k in {f.name for f in fields(baselines.PlainFeatureConfig)}})
+    return baselines.plain_features(items, config, cache_dir=str(run_dir / 'cache'), log=lambda *a, **k: None)
 
 
 def run_features(run_dir, stage: str, items: pd.DataFrame, prepared: Prepared, seed: int = 0) -> Tensor:
-    "The `features` of stage `stage` of a `tpad run` folder, in `prepared`'s item-index order (as `tpad run` trains on them)."
+    "The `features` of stage `stage` (or 'plain') of a `tpad run` folder, in `prepared`'s item-index order (as `tpad run` trains on them)."
     from tpad.stage2 import align_features  # imports the MLLM code: only when features are needed
+    if stage == 'plain': return align_features(_run_plain_features(Path(run_dir), items), items, prepared)
     folder = stage_folder(run_dir, stage, seed)
     data, seal = folder / 'outputs.safetensors', folder / 'stage.json'
     if not data.is_file(): raise FileNotFoundError(f'{data}: no such file; the run did not produce stage {stage!r}')

@@ -9,7 +9,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +22,12 @@ from .data import Report, SessionData, atomic_write
 from peft import PeftModel
 
 from .mllm import (MLLMConfig, add_adapters, encode, every_process, generation_loss, item_features, item_prompt,
-                       load_mllm, process_layout, use_adapter, wait_for_everyone, corpus_texts)
+                       load_mllm, process_layout, use_adapter, wait_for_everyone, corpus_texts, _value)
 from .train import TrainConfig, TrainResult, train
 
 # %% auto #0
-__all__ = ['Stage1Config', 'tiny_stage1_config', 'knowledge_target', 'KnowledgeData', 'holdout_split', 'knowledge_loss',
+__all__ = ['TARGET_FIELDS', 'Stage1Config', 'tiny_stage1_config', 'target_text', 'knowledge_example', 'KnowledgeTarget',
+           'knowledge_target', 'check_knowledge_target', 'KnowledgeData', 'holdout_split', 'knowledge_loss',
            'train_knowledge', 'describe', 'adapter_hash', 'feature_key', 'save_features', 'load_features',
            'cached_item_features', 'knowledge_features', 'category_separation', 'Stage1Result', 'stage1']
 
@@ -37,7 +38,7 @@ class Stage1Config:
     mllm: MLLMConfig = field(default_factory=MLLMConfig, metadata={'help': 'the base MLLM, its adapters and prompts'})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir='runs/stage1'),
                                metadata={'help': 'the training loop of the knowledge adapter'})
-    target_field: str = field(default='text', metadata={'help': "item column generated as knowledge ('text', 'category', ...)"})
+    target_field: str = field(default='auto', metadata={'help': "item column generated as knowledge: 'auto' (text, else category, else brand, else title, else none), an item column ('text', 'category', 'brand', 'title', ...), or 'none' (no generation training)"})
     target_sentences: int = field(default=0, metadata={'help': 'keep the first N sentences of the target (0 = all)'})
     answer_field: str = field(default='category', metadata={'help': "item column that answers the readout instruction first ('' = none)"})
     max_target_tokens: int = field(default=64, metadata={'help': 'cut the target to this many tokens'})
@@ -53,37 +54,141 @@ def tiny_stage1_config(out_dir='runs/stage1', cache_dir='runs/cache', epochs: in
         mllm=MLLMConfig(full_finetune=True, item_fields='title', image_size=32, max_text_tokens=48),
         train=TrainConfig(lr=3e-3, weight_decay=0.01, epochs=epochs, batch_size=16, warmup_ratio=0.05, log_every=10,
                           eval_every=50, save_every=100, out_dir=str(out_dir), overwrite=True, progress=False),
-        target_field='text', target_sentences=2, max_target_tokens=48, cache_dir=str(cache_dir))
+        target_field='auto', target_sentences=2, max_target_tokens=48, cache_dir=str(cache_dir))
 
 # %% ../nbs/03_stage1_knowledge.ipynb #ce1c8b3e
-def knowledge_target(item, config: Stage1Config) -> str:
-    "The knowledge text an item's prompt should generate: `target_field`, cut to `target_sentences` sentences."
-    text = str(item.get(config.target_field, '') or '').strip()
-    if config.target_sentences > 0:
-        text = ' '.join(re.split(r'(?<=[.!?])\s+', text)[:config.target_sentences])
-    word = str(item.get(config.answer_field, '') or '').strip() if config.answer_field else ''
+TARGET_FIELDS = ('text', 'category', 'brand', 'title')  # what target_field 'auto' tries, in this order
+
+
+def _sentences(text: str, n: int) -> str:
+    return ' '.join(re.split(r'(?<=[.!?])\s+', text)[:n]) if n > 0 else text
+
+
+def target_text(item, config: Stage1Config) -> str:
+    "The knowledge text an item's prompt should generate: `target_field`, cut to `target_sentences` sentences, after the `answer_field` word."
+    if config.target_field == 'auto': raise ValueError("target_text: resolve target_field 'auto' first (knowledge_target)")
+    text = _sentences(_value(item, config.target_field), config.target_sentences)
+    word = _value(item, config.answer_field) if config.answer_field and config.answer_field != config.target_field else ''
     return f'{word}. {text}' if word and text else text
 
 
+def _shows_something(item, config: Stage1Config) -> bool:
+    "Whether an item prompt of `item` shows anything of its own: an image, or a field of `mllm.item_fields`."
+    return bool(_value(item, 'image')) or any(_value(item, f) for f in config.mllm.fields_shown)
+
+
+def knowledge_example(item, config: Stage1Config) -> tuple[dict, str]:
+    "(the item as its training prompt shows it, the text to generate); the prompt never shows the target, and '' means no example."
+    name = config.target_field
+    item = dict(item)
+    if name == 'none': return item, ''
+    if name == 'auto': target_text(item, config)  # raises: 'auto' is resolved by knowledge_target
+    if name in config.mllm.fields_shown:  # the prompt would show the target: it shows the first half, the rest is the target
+        words = _sentences(_value(item, name), config.target_sentences).split()
+        shown, target = {**item, name: ' '.join(words[:len(words) // 2])}, ' '.join(words[len(words) // 2:])
+    else: shown, target = item, target_text(item, config)
+    return shown, (target if _shows_something(shown, config) else '')
+
+# %% ../nbs/03_stage1_knowledge.ipynb #50c5cbce
+@dataclass
+class KnowledgeTarget:
+    "What Stage 1's generation task generates on a catalogue, how many items it trains on, and one line saying so."
+    field: str  # 'text', 'category', 'brand', 'title' (any item column), or 'none': no generation training
+    task: str  # 'generation' (from the prompt), 'completion' (the prompt shows the field's first half) or 'none'
+    n_items: int
+    n_items_with_target: int  # the items with an example (0 for 'none')
+    note: str  # one line for the run log and the results: the target, why, and the items skipped
+
+    @property
+    def n_skipped(self) -> int: return 0 if self.field == 'none' else self.n_items - self.n_items_with_target
+
+
+def _records(items) -> list:
+    return items.to_dict('records') if isinstance(items, pd.DataFrame) else [dict(r) for r in items]
+
+
+def _any_of(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ', '.join(names[:-1]) + ' or ' + names[-1]
+
+
+def knowledge_target(items, field: str = 'auto', config: Stage1Config | None = None) -> KnowledgeTarget:
+    "The generation target of `items`: `field`, or for 'auto' the first of `TARGET_FIELDS` with an example, else 'none'."
+    config, rows = config or Stage1Config(), _records(items)
+    has = lambda f: any(_value(r, f) for r in rows)
+
+    def examples(f: str) -> int:
+        if f == 'none' or not has(f): return 0
+        resolved = replace(config, target_field=f)
+        return sum(bool(knowledge_example(r, resolved)[1]) for r in rows)
+
+    if field == 'auto':
+        chosen, absent, empty = 'none', [], []
+        for f in TARGET_FIELDS:
+            if examples(f): chosen = f; break
+            (empty if has(f) else absent).append(f)
+        reasons = ([f'no item has {_any_of(absent)}'] if absent else []) + [f'no {f} with anything else to show in the prompt' for f in empty]
+        why = 'auto: ' + (', '.join(reasons) if reasons else 'items have text')
+    else: chosen, why = field, f'target_field {field!r}'
+    n = examples(chosen)
+    completion = chosen in config.mllm.fields_shown
+    if chosen == 'none':
+        task, label, detail = 'none', 'none', ("no generation training: h^K is the MLLM reading each item's image and prompt, "
+                                               "Stage 2b's generation weight is 0")
+    elif completion: task, label, detail = 'completion', f'{chosen} completion', f"the prompt shows the {chosen}'s first half, the target is the rest"
+    else: task, label, detail = 'generation', chosen, 'generated from the item prompt'
+    note = f'target: {label} ({why}; {detail}); ' + (f'{len(rows)} items' if chosen == 'none' else f'{n} of {len(rows)} items')
+    if chosen != 'none' and n < len(rows):
+        without = sum(not _value(r, chosen) for r in rows)
+        bare = len(rows) - n - without
+        note += ', skipped: ' + ', '.join(([f'{without} without {chosen}'] if without else []) + (
+            [f'{bare} whose prompt would show nothing' + (f' (one-word {chosen}, no image)' if completion else '')] if bare else []))
+    return KnowledgeTarget(chosen, task, len(rows), n, note)
+
+
+def check_knowledge_target(items, config, option: str = 'stage1.target_field') -> KnowledgeTarget:
+    "The `KnowledgeTarget` of `config` (a Stage1Config, or an AlignConfig) on `items`; a one-line ValueError naming the option to set when it has nothing to train on."
+    config = config if isinstance(config, Stage1Config) else config.generation()
+    target, rows, name = knowledge_target(items, config.target_field, config), _records(items), config.target_field
+    present = [f for f in TARGET_FIELDS if any(_value(r, f) for r in rows)]
+    if target.field == 'none':
+        if not any(_shows_something(r, config) for r in rows):
+            readable = [f for f in present if f in ('title', 'category', 'text')]
+            fix = f'use --mllm.item_fields {",".join(readable)}' if readable else 'the items have nothing an MLLM can read: use ID-only models'
+            raise ValueError(f"{option} {name!r}: no item prompt would show anything of its item (no image, and mllm.item_fields "
+                             f"{config.mllm.item_fields!r} is empty for every item), so every item would get the same h^K; {fix}")
+    elif not target.n_items_with_target:
+        auto = knowledge_target(items, 'auto', config).field
+        fix = f'use --{option} auto' + (f' or {auto}' if auto != 'none' else f' (target none: no generation training)')
+        if target.field not in present and not any(_value(r, target.field) for r in rows):
+            have = ', '.join(present) or ('only images' if any(_value(r, 'image') for r in rows) else 'nothing to read')
+            raise ValueError(f'{option} {name!r}: no item has {target.field}; the items have {have}; {fix}')
+        raise ValueError(f"{option} {name!r}: no item's prompt would show anything once its {target.field} is held out "
+                         f'(no image, no other field of mllm.item_fields {config.mllm.item_fields!r}); {fix}')
+    return target
+
+# %% ../nbs/03_stage1_knowledge.ipynb #0c1f6c2d
 class KnowledgeData(torch.utils.data.Dataset):
-    "(item prompt, knowledge target) pairs for the generation task; items without a target are skipped and counted."
+    "(item prompt, knowledge target) pairs for the generation task; the prompt never shows its target; items without one are skipped and counted."
     def __init__(self, items: pd.DataFrame, processor, config: Stage1Config, report: Report | None = None):
+        if config.target_field == 'auto': config = replace(config, target_field=knowledge_target(items, 'auto', config).field)
         rows = items.to_dict('records')
-        self.targets = [knowledge_target(r, config) for r in rows]
-        keep = [i for i, t in enumerate(self.targets) if t]
+        examples = [knowledge_example(r, config) for r in rows]
+        keep = [i for i, (_, t) in enumerate(examples) if t or config.target_field == 'none']
         if report is not None:
             report.add('knowledge targets: skip items with an empty target', len(rows), len(keep),
                        note=f'target field {config.target_field!r}')
-        self.rows, self.targets = [rows[i] for i in keep], [self.targets[i] for i in keep]
-        self.prompts = [item_prompt(r, processor, config.mllm, report) for r in self.rows]
+        self.rows, self.targets = [rows[i] for i in keep], [examples[i][1] for i in keep]
+        self.prompts = [item_prompt(examples[i][0], processor, config.mllm, report) for i in keep]
         self.processor, self.config = processor, config
 
     def __len__(self) -> int: return len(self.rows)
     def __getitem__(self, i: int): return self.prompts[i], self.targets[i]
 
     def collate(self, batch) -> dict:
-        "A padded batch with labels on the target span only."
-        return encode(self.processor, [p for p, _ in batch], [t for _, t in batch], padding_side='right',
+        "A padded batch with labels on the target span only (no labels with the target 'none')."
+        targets = None if self.config.target_field == 'none' else [t for _, t in batch]
+        return encode(self.processor, [p for p, _ in batch], targets, padding_side='right',
                       max_target_tokens=self.config.max_target_tokens)
 
 # %% ../nbs/03_stage1_knowledge.ipynb #5d2917a6
@@ -101,13 +206,23 @@ def knowledge_loss(model, batch: dict) -> Tensor:
 
 
 def train_knowledge(model, processor, items: pd.DataFrame, config: Stage1Config,
-                    report: Report | None = None) -> TrainResult:
-    "Train the `knowledge` adapter with the generation task on all but the held-out items."
+                    report: Report | None = None, log=print) -> TrainResult:
+    "Train the `knowledge` adapter with the generation task on all but the held-out items (target 'none': train nothing)."
+    target = check_knowledge_target(items, config)  # before any training: one line naming the option to set
+    log(f'[stage1] {target.note}')
+    config = replace(config, target_field=target.field)
+    if target.field == 'none':
+        if report is not None: report.add('knowledge targets: none, no generation training', len(items), len(items), note=target.note)
+        return TrainResult(model, [], 0, 0, None, None, 'no', 0.0)
     train_items, held_items = holdout_split(items, config.holdout_share, config.seed)
     train_data = KnowledgeData(train_items, processor, config, report)
+    if not len(train_data):
+        raise ValueError(f'stage1.holdout_share {config.holdout_share}: every item with a {target.field} target '
+                         f'({target.n_items_with_target}) is held out; lower it')
     val_data = KnowledgeData(held_items, processor, config) if len(held_items) else None
     with use_adapter(model, 'knowledge'):
-        return train(model, train_data, train_data.collate, knowledge_loss, config.train, val_dataset=val_data)
+        return train(model, train_data, train_data.collate, knowledge_loss, config.train,
+                     val_dataset=val_data if val_data is not None and len(val_data) else None)
 
 # %% ../nbs/03_stage1_knowledge.ipynb #5bcc449b
 @torch.inference_mode()
@@ -230,8 +345,8 @@ def stage1(data: SessionData, config: Stage1Config, log=print) -> Stage1Result:
     report = Report()
     model, processor = load_mllm(config.mllm, texts=corpus_texts(data.items) if config.mllm.model == '' else None)
     model = add_adapters(model, config.mllm)
-    result = train_knowledge(model, processor, data.items, config, report)
-    log(f'[stage1] trained the knowledge adapter: {result.step} steps in {result.seconds:.1f} s, '
-        f'last loss {result.frame().loss.dropna().iloc[-1]:.3f}')
+    result = train_knowledge(model, processor, data.items, config, report, log=log)
+    if result.step: log(f'[stage1] trained the knowledge adapter: {result.step} steps in {result.seconds:.1f} s, '
+                        f'last loss {result.frame().loss.dropna().iloc[-1]:.3f}')
     features = knowledge_features(model, processor, data.items, config, report=report, log=log)
     return Stage1Result(model, processor, features, result, report)
