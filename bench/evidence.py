@@ -1,15 +1,17 @@
-"""The evidence behind the toyshop table: one `tpad run` with several pipeline seeds, timed, its results committed.
+"""The evidence behind the README's tables: one `tpad run` with several seeds, timed, its results committed.
 
     python bench/evidence.py                      # toyshop-tiny, 3 pipeline seeds -> evidence/toyshop-tiny/
     python bench/evidence.py --seeds 5 -- --fit.epochs 20    # anything after -- goes to `tpad run`
+    python bench/evidence.py --preset amazon-toys-ids -- --path PATH/TO/amazon_toys_sequences   # the ID-only Toys table
 
 It runs `tpad run --preset PRESET --seeds N --out runs/evidence/PRESET --progress false` in a child process and
 measures its wall time and peak memory (the child's maximum resident set size), then copies the small results files
 of the run (results.md/.csv, significance.csv, claims.csv, stages.csv, summary.json) into `evidence/PRESET/`
 with `evidence.json`: the command, the commit, the date, the seconds, the peak memory, the machine (CPU model, cores,
 memory) and the load average before and after (a time taken beside other jobs says so). Last, it rewrites the
-toyshop-table section of README.md from these files (`tpad.experiment.evidence_markdown`), the same text the docs
-home page renders, so that no number in it is typed by hand (tests/test_evidence.py checks it).
+preset's section of README.md from these files (`tpad.experiment.evidence_markdown` for the toyshop,
+`benchmark_markdown` for the ID-only benchmarks, with the published numbers of `published.json` beside the evidence),
+the same text the docs home page renders, so that no number in it is typed by hand (tests/test_evidence.py checks it).
 """
 from __future__ import annotations
 
@@ -26,10 +28,13 @@ import time
 from pathlib import Path
 
 from tpad.data import atomic_write
-from tpad.experiment import EVIDENCE_FILES, evidence_link, evidence_markdown
+from tpad.experiment import EVIDENCE_FILES, benchmark_markdown, evidence_link, evidence_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
-README_SECTION = '## The toyshop table'
+# the README section each preset's evidence renders into, and how
+SECTIONS = {'toyshop-tiny': ('## The toyshop table', evidence_markdown),
+            'amazon-toys-ids': ('## The Amazon Toys table (ID-only, leave-one-out)', benchmark_markdown)}
+NEXT_SECTION = '## Where to go next'  # a new section goes before it
 
 
 def machine() -> dict:
@@ -55,7 +60,9 @@ def commit() -> str:
 
 def replace_section(text: str, header: str, body: str) -> str:
     "`text` with the markdown section under `header` (up to the next '## ') replaced by `body`."
-    if header not in text: raise ValueError(f'README.md has no {header!r} section')
+    if header not in text:
+        if NEXT_SECTION not in text: raise ValueError(f'README.md has no {header!r} section and no {NEXT_SECTION!r}')
+        return text.replace(NEXT_SECTION, f"{header}\n\n{body.strip()}\n\n{NEXT_SECTION}", 1)
     before, rest = text.split(header, 1)
     after = rest.split('\n## ', 1)[1] if '\n## ' in rest else ''
     return f"{before}{header}\n\n{body.strip()}\n\n" + (f'## {after}' if after else '')
@@ -67,7 +74,7 @@ def main(argv=None):
     ap.add_argument('--seeds', type=int, default=3, help='pipeline seeds (at least 3 for the README table)')
     ap.add_argument('--out', default='', help='the run folder (default runs/evidence/PRESET)')
     ap.add_argument('--dest', default='', help='where the evidence files go (default evidence/PRESET)')
-    ap.add_argument('--readme', action=argparse.BooleanOptionalAction, default=True, help='rewrite README.md\'s toyshop table')
+    ap.add_argument('--readme', action=argparse.BooleanOptionalAction, default=True, help="rewrite the preset's README.md section")
     ap.add_argument('extra', nargs='*', help='more `tpad run` options, after --')
     args = ap.parse_args(argv)
     out = Path(args.out or ROOT / 'runs' / 'evidence' / args.preset)
@@ -93,12 +100,12 @@ def main(argv=None):
     atomic_write(lambda p: p.write_text(json.dumps(info, indent=1)), dest / 'evidence.json')
     print(f"[evidence] {info['seconds']} s, peak {info['peak_memory_mb']} MB, load {info['load_average_before']} -> "
           f"{info['load_average_after']}; wrote {dest}")
-    if args.readme:
-        readme = ROOT / 'README.md'
-        body = evidence_markdown(dest, link=evidence_link(args.preset))
-        atomic_write(lambda p: p.write_text(replace_section(readme.read_text(encoding='utf-8'), README_SECTION, body),
+    if args.readme and args.preset in SECTIONS:
+        readme, (header, render) = ROOT / 'README.md', SECTIONS[args.preset]
+        body = render(dest, link=evidence_link(args.preset))
+        atomic_write(lambda p: p.write_text(replace_section(readme.read_text(encoding='utf-8'), header, body),
                                             encoding='utf-8'), readme)
-        print(f'[evidence] README.md: {README_SECTION!r} rewritten from {dest}')
+        print(f'[evidence] README.md: {header!r} rewritten from {dest}')
 
 
 if __name__ == '__main__':

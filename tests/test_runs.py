@@ -88,3 +88,16 @@ def test_other_settings_start_afresh(tmp_path):
     again = subprocess.run(tpad_cmd('run', '--preset', 'toyshop-smoke', '--models', 'pop', '--out', out, '--figures', 'none',
                                     '--preprocess.min_item_support', '3'), capture_output=True, text=True)
     assert again.returncode == 0 and '[resume]' not in again.stdout and '[pop] Pop (seed 0)' in again.stdout
+
+
+def test_titles_only_with_a_text_target_gets_one_line_of_advice(tmp_path):
+    data = write_csv_shop(tmp_path / 'titles')
+    items = pd.read_csv(data / 'items.csv')[['item_id', 'title']]
+    items.to_csv(data / 'items.csv', index=False)
+    r = subprocess.run(tpad_cmd('run', '--dataset', 'csv', '--path', data, '--models', 'tpad', '--out', tmp_path / 'run',
+                                '--stage1.target_field', 'text', '--preprocess.min_item_support', '1'),
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == ["tpad run: stage1.target_field 'text': no item has text; the items have title; "
+                                             "use --stage1.target_field auto or title"], r.stderr[-3000:]
+    assert not (tmp_path / 'run' / 'stages').exists()  # nothing trained

@@ -21,10 +21,11 @@ def _stats(args):
 
 def _run(args):
     "`tpad run`: a bad config or a missing data path ends with one clear line before any work starts."
-    from tpad.experiment import check_run, config_from_args, run
+    from tpad.experiment import RunConfigError, check_run, config_from_args, run
     try: config = check_run(config_from_args(args))
     except (ValueError, TypeError, OSError) as e: sys.exit(f'tpad run: {e}')
-    run(config)
+    try: run(config)
+    except RunConfigError as e: sys.exit(f'tpad run: {e}')  # found on the data, before any training
 
 
 def parser(run_options: bool = True) -> argparse.ArgumentParser:

@@ -29,15 +29,16 @@ import pandas as pd
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .data import FORMAT_MODULES, LOADERS, SessionData, atomic_write, load, stage_folder
-from .preprocess import Prepared, PreprocessConfig, preprocess, report_table
+from .data import FORMAT_MODULES, LOADERS, DataFormatError, SessionData, atomic_write, load, stage_folder
+from .preprocess import Prepared, PreprocessConfig, prefix_loader, preprocess, report_table
 from .mllm import MLLMConfig, add_adapters, corpus_texts, every_process, load_mllm, process_layout, wait_for_everyone
-from .stage1 import Stage1Config, knowledge_features, tiny_stage1_config, train_knowledge
+from .stage1 import Stage1Config, check_knowledge_target, knowledge_features, tiny_stage1_config, train_knowledge
 from .stage2 import Stage2Config, align_features, tiny_stage2_config, train_transfer, transfer_features
 from .align import ABLATIONS, AlignConfig, AlignModel, ablation, heads_output, stage2b, tiny_align_config
-from .msbr import MSBR, FitConfig, MSBRConfig, evaluate_model, fit
+from .msbr import MSBR, FitConfig, MSBRConfig, evaluate_model, fit, score_samples
 from .metrics import METRICS
 from .stats import compare_to, mean_interval
 from .mi import channel_mi_ceiling
@@ -49,12 +50,13 @@ from .viz_data import category_transitions, item_grid, session_length_plot, tran
 # %% auto #0
 __all__ = ['DERIVED', 'ID_ONLY', 'PRESETS', 'DATA_SOURCES', 'STAGE_SEEDS', 'MIN_FREE_MB', 'MODELS', 'STILL_IMPROVING',
            'TABLE_METRICS', 'MARKED', 'ID_ONLY_KEYS', 'CLAIMS', 'CLAIM_METRIC', 'FIGURES', 'RUN_CONTROL',
-           'PROBE_BATCHES', 'EVIDENCE_FILES', 'EVIDENCE_COLUMNS', 'EVIDENCE_URL', 'RunConfig', 'make_config',
-           'run_name', 'run_dir', 'config_arguments', 'config_from_args', 'run_seeds', 'seeded', 'check_out_dir',
-           'digest', 'save_stage', 'load_stage', 'model_keys', 'has_content', 'run_stages', 'capped_seeds',
-           'fit_and_score', 'results_table', 'intervals_table', 'markdown_table', 'per_sample', 'paired_tests',
-           'claims', 'claims_text', 'protocol_text', 'run_figures', 'rows_key', 'finished_rows', 'plan_rows',
-           'plan_stages', 'row_jobs', 'check_run', 'run', 'evidence_link', 'evidence_markdown']
+           'PROBE_BATCHES', 'EVIDENCE_FILES', 'EVIDENCE_COLUMNS', 'EVIDENCE_URL', 'BENCHMARK_METRICS', 'RunConfig',
+           'make_config', 'run_name', 'run_dir', 'config_arguments', 'config_from_args', 'run_seeds', 'seeded',
+           'check_out_dir', 'digest', 'save_stage', 'load_stage', 'model_keys', 'has_content', 'run_stages',
+           'capped_seeds', 'fit_and_score', 'results_table', 'intervals_table', 'markdown_table', 'per_sample',
+           'paired_tests', 'claims', 'claims_text', 'protocol_text', 'run_figures', 'rows_key', 'finished_rows',
+           'plan_rows', 'plan_stages', 'row_jobs', 'RunConfigError', 'knowledge_target_of', 'check_run', 'run',
+           'evidence_link', 'evidence_markdown', 'all_users', 'benchmark_markdown']
 
 # %% ../nbs/09_experiment.ipynb #a68db625
 @dataclass
@@ -423,7 +425,7 @@ def run_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted,
 
     def run_stage1():
         model, processor = student.get()
-        result = train_knowledge(model, processor, data.items, s1)
+        result = train_knowledge(model, processor, data.items, s1, log=log)
         h_K = knowledge_features(model, processor, data.items, s1, log=log)
         weights = {f'w.{k}': v for k, v in _weights(model, config.mllm).items()}
         return dict(features=h_K, **weights), dict(steps=result.step, train_seconds=round(result.seconds, 1))
@@ -704,18 +706,19 @@ def finished_rows(out, key: str) -> dict:
     return found
 
 
-def _save_progress(out: Path, key: str, rows: list[dict], ranks: dict, config: RunConfig, prepared: Prepared, skipped: dict, total: int):
+def _save_progress(out: Path, key: str, rows: list[dict], ranks: dict, config: RunConfig, prepared: Prepared, skipped: dict, total: int,
+                   target_line: str = ''):
     "After each row: results.csv, the ranks, progress.json and a results.md saying how many rows are done."
     frame = pd.DataFrame(rows)
     _write_csv(out / 'results.csv', frame)
     _save_ranks(out, ranks)
     _write_json(out / 'progress.json', dict(key=key, rows=[[r['model'], int(r['seed'])] for r in rows]))
     _write_results(out, config, prepared, frame, pd.DataFrame(), pd.DataFrame(), skipped,
-                   f'{len(rows)} of {total} row(s) finished; the paired tests come when every row is done')
+                   f'{len(rows)} of {total} row(s) finished; the paired tests come when every row is done', target_line)
 
 
 # %% ../nbs/09_experiment.ipynb #60301615
-PROBE_BATCHES = 4  # training steps a probe times (after one warm-up step)
+PROBE_BATCHES = 8  # training steps a probe times (after one warm-up step); their median is the estimate
 
 
 def _timed(f) -> float:
@@ -724,20 +727,25 @@ def _timed(f) -> float:
 
 
 def _probe_row(key: str, prepared: Prepared, config: RunConfig, features) -> dict:
-    "Row `key`'s seconds per training step and per scored sample, from a few steps on real batches (nothing is kept)."
-    model, probe_valid = _recommender(key, prepared, config, features, 0), 500
-    small = dataclasses.replace(prepared, samples=dict(prepared.samples, valid=prepared.samples['valid'].subset(
-        np.arange(min(probe_valid, len(prepared.samples['valid']))))))
+    "Row `key`'s seconds per training step and per scored sample, timed on a few real batches (nothing is kept)."
+    model, valid = _recommender(key, prepared, config, features, 0), prepared.samples['valid']
+    small = valid.subset(np.arange(min(500, len(valid))))
     if not isinstance(model, torch.nn.Module):
         fit_s = _timed(lambda: model.fit(prepared))
-        score_s = _timed(lambda: evaluate_model(model, small, 'valid'))
-        return dict(fit=fit_s, per_sample=score_s / max(1, len(small.samples['valid'])))
-    fc = dataclasses.replace(config.fit, epochs=1, patience=1, out_dir='', progress=False)
-    one = _timed(lambda: fit(_recommender(key, prepared, config, features, 0), small,
-                             dataclasses.replace(fc, max_train_samples=fc.batch_size)))
-    more = _timed(lambda: fit(model, small, dataclasses.replace(fc, max_train_samples=fc.batch_size * (1 + PROBE_BATCHES))))
-    step = max(more - one, 0.0) / PROBE_BATCHES
-    return dict(step=step, per_sample=max(one - step, 0.0) / max(1, len(small.samples['valid'])))
+        return dict(fit=fit_s, per_sample=_timed(lambda: score_samples(model, small, n_items=prepared.n_items)) / max(1, len(small)))
+    opt = torch.optim.Adam(model.parameters(), lr=config.fit.lr)
+    batches = iter(prefix_loader(prepared.samples['train'], batch_size=config.fit.batch_size, shuffle=True))
+
+    def step():
+        batch = next(batches)
+        loss = F.cross_entropy(model(batch), batch['targets'] - 1)
+        opt.zero_grad(); loss.backward(); opt.step()
+
+    step()  # warm-up: the first step allocates
+    seconds = [_timed(step) for _ in range(min(PROBE_BATCHES, -(-len(prepared.samples['train']) // config.fit.batch_size) - 1))]
+    model.eval()
+    with torch.no_grad(): per_sample = _timed(lambda: score_samples(model, small, n_items=prepared.n_items)) / max(1, len(small))
+    return dict(step=float(np.median(seconds)) if seconds else 0.0, per_sample=per_sample)
 
 
 def plan_rows(config: RunConfig, prepared: Prepared, keys, n_seeds: int, feature_dim: int = 64) -> pd.DataFrame:
@@ -759,7 +767,7 @@ def plan_rows(config: RunConfig, prepared: Prepared, keys, n_seeds: int, feature
     return pd.DataFrame(out)
 
 
-def plan_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted, n_seeds: int) -> pd.DataFrame:
+def plan_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted, n_seeds: int, target=None) -> pd.DataFrame:
     "The MLLM stages' optimiser steps per seed and their estimated time, from two steps of Stage 1 and one extraction batch."
     if not wanted: return pd.DataFrame()
     model, processor = load_mllm(config.mllm, texts=corpus_texts(data.items) if config.mllm.model == '' else None)
@@ -774,7 +782,8 @@ def plan_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted
     step = train_s / 2
     per_epoch = lambda n, b: -(-n // b)
     n_items = len(data.items)
-    rows = [('stage1', config.stage1.train, per_epoch(n_items, config.stage1.train.batch_size), n_items)]
+    n_stage1 = n_items if target is None else 0 if target.field == 'none' else target.n_items_with_target
+    rows = [('stage1', config.stage1.train, per_epoch(n_stage1, config.stage1.train.batch_size), n_items)]
     if wanted - {'h_K'}:
         n2 = min(len(prepared.samples['train']), config.stage2.max_train_samples or len(prepared.samples['train']))
         rows.append(('stage2', config.stage2.train, per_epoch(n2, config.stage2.train.batch_size), n_items))
@@ -878,7 +887,7 @@ def _stage_rows(stage_info: dict, config: RunConfig) -> pd.DataFrame:
 
 
 def _write_results(out: Path, config: RunConfig, prepared: Prepared, frame: pd.DataFrame, tests: pd.DataFrame,
-                   verdicts: pd.DataFrame, skipped: dict, why_no_tests: str = ''):
+                   verdicts: pd.DataFrame, skipped: dict, why_no_tests: str = '', target_line: str = ''):
     "results.csv, significance.csv, claims.csv and results.md (protocol, marked table, intervals, notes, claims)."
     _write_csv(out / 'results.csv', frame)
     if len(tests): _write_csv(out / 'significance.csv', tests)
@@ -895,7 +904,8 @@ def _write_results(out: Path, config: RunConfig, prepared: Prepared, frame: pd.D
                   f"Holm-corrected over the {n} comparisons of each column: ▲ TPAD is better than this row at "
                   f"{config.alpha:g}, ▼ worse, = no significant difference (`significance.csv`).")
     else: legend = f"No paired tests: {why_no_tests}" if why_no_tests else ''
-    text = (f"# Results: {run_name(config)}\n\n{protocol_text(config, prepared)}\n\n{markdown_table(table)}\n\n{legend}\n\n"
+    text = (f"# Results: {run_name(config)}\n\n{protocol_text(config, prepared)}" + (f" {target_line}" if target_line else '')
+            + f"\n\n{markdown_table(table)}\n\n{legend}\n\n"
             f"95 % intervals of the means over seeds (Student t; one seed has none):\n\n{markdown_table(intervals_table(frame))}\n"
             + ('\n' + '\n'.join(notes) + '\n' if notes else '')
             + (f"\n## Claims\n\nThe abstract's claims this run can test, on {CLAIM_METRIC} per sample, paired as above:\n\n"
@@ -930,14 +940,14 @@ def _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage
         times['models'] = round(times['models'] + time.perf_counter() - t0, 1)
 
 
-def _print_plan(config, data, prepared, keys, needs, seeds, done, world, log) -> pd.DataFrame:
+def _print_plan(config, data, prepared, keys, needs, seeds, done, world, log, target=None) -> pd.DataFrame:
     "Log what the run will do and an estimate of how long, from a short probe, before the long work starts."
     todo = [k for k in keys if any((k, s) not in done for s in seeds)]
     n_seeds = len(seeds)
     wanted = {needs[k] for k in todo} - {None, 'plain'}
     parts = []
     if wanted and world == 1:
-        parts.append(plan_stages(config, data, prepared, wanted, 1 if config.fixed_stages else n_seeds))
+        parts.append(plan_stages(config, data, prepared, wanted, 1 if config.fixed_stages else n_seeds, target))
     if todo: parts.append(plan_rows(config, prepared, todo, n_seeds))
     plan = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if not len(plan): return plan
@@ -949,6 +959,21 @@ def _print_plan(config, data, prepared, keys, needs, seeds, done, world, log) ->
         f"2b at Stage 1's seconds per step):\n" + plan.to_string(index=False)
         + f"\n[plan] about {total / 60:.1f} min in all ({jobs} row process(es)); --plan false skips this probe")
     return plan
+
+
+class RunConfigError(DataFormatError):
+    "Data, or a config that cannot run on them, found wrong before any training: `tpad run` says it in one line."
+
+
+def knowledge_target_of(config: RunConfig, items: pd.DataFrame, wanted) -> object:
+    "The generation target of Stages 1 and 2b on these items (None if no MLLM stage runs); nothing to train on raises RunConfigError naming the option."
+    if not wanted: return None
+    try:
+        target = check_knowledge_target(items, dataclasses.replace(config.stage1, mllm=config.mllm))
+        if set(wanted) & set(ABLATIONS):
+            check_knowledge_target(items, dataclasses.replace(config.align, mllm=config.mllm), option='align.target_field')
+    except ValueError as e: raise RunConfigError(str(e)) from None
+    return target
 
 
 def check_run(config: RunConfig) -> RunConfig:
@@ -977,10 +1002,12 @@ def run(config: RunConfig, log=print) -> dict:
     if main: _write_json(out / 'config.json', dataclasses.asdict(config))
     times, t_all = {}, time.perf_counter()
     t0 = time.perf_counter()
-    data = load(config.dataset, path, **_load_options(config))
+    try:  # bad data or a split that does not fit them: one line from `tpad run`, before any training
+        data = load(config.dataset, path, **_load_options(config))
+        log(f"[data] {data}")
+        prepared = preprocess(data, config.preprocess)
+    except ValueError as e: raise RunConfigError(str(e)) from e
     stats = data.stats()
-    log(f"[data] {data}")
-    prepared = preprocess(data, config.preprocess)
     report, splits = report_table(prepared.report), prepared.summary()
     log(f"[preprocess] {prepared}; split: {prepared.split_rule}")
     if main:
@@ -999,16 +1026,19 @@ def run(config: RunConfig, log=print) -> dict:
     for k, why in skipped.items(): log(f'[skip] {MODELS[k][0]}: {why}')
     keys = [k for k in keys if k not in skipped]
 
+    target = knowledge_target_of(config, data.items, {needs[k] for k in keys} - {None, 'plain'})
+    target_line = f'**Generation target** (Stages 1 and 2b). {target.note}' if target is not None else ''
+    if target is not None: log(f'[stage1] {target.note}')
     key = rows_key(config, data)
     done = {r: v for r, v in finished_rows(out, key).items() if r[0] in keys and r[1] in seeds} if main else {}
     if done: log(f"[resume] {len(done)} row(s) finished by an earlier run in {out} with the same settings are kept, not "
                  f"refitted: " + ', '.join(f'{k} seed {s}' for k, s in done))
-    if config.plan and main: _print_plan(config, data, prepared, keys, needs, seeds, done, world, log)
+    if config.plan and main: _print_plan(config, data, prepared, keys, needs, seeds, done, world, log, target)
     stage_info, ranks, rows = {}, {}, []
 
     def on_row(row):
         rows.append(row)
-        _save_progress(out, key, rows, ranks, config, prepared, skipped, len(keys) * len(seeds))
+        _save_progress(out, key, rows, ranks, config, prepared, skipped, len(keys) * len(seeds), target_line)
 
     times.update(stages=0.0, models=0.0)
     jobs, pool = row_jobs(config), None
@@ -1022,10 +1052,10 @@ def run(config: RunConfig, log=print) -> dict:
     finally:
         if pool is not None: pool.shutdown()
     if not main: return {}
-    return _finish(config, data, prepared, stats, splits, keys, seeds, out, rows, ranks, stage_info, skipped, times, t_all, log)
+    return _finish(config, data, prepared, stats, splits, keys, seeds, out, rows, ranks, stage_info, skipped, times, t_all, log, target_line)
 
 
-def _finish(config, data, prepared, stats, splits, keys, seeds, out, rows, ranks, stage_info, skipped, times, t_all, log) -> dict:
+def _finish(config, data, prepared, stats, splits, keys, seeds, out, rows, ranks, stage_info, skipped, times, t_all, log, target_line='') -> dict:
     "After the last row: figures, paired tests, claims, results.md, stages.csv and summary.json."
     for (name, _), i in stage_info.items(): times[name] = round(times.get(name, 0.0) + (0.0 if i.get('reused') else i.get('seconds') or 0.0), 1)
     _save_ranks(out, ranks)
@@ -1041,7 +1071,7 @@ def _finish(config, data, prepared, stats, splits, keys, seeds, out, rows, ranks
         try: tests = paired_tests(ranks, prepared, seeds, 'tpad', config.significance, config.alpha, config.n_boot)
         except ValueError as e: why_no_tests = str(e)
     verdicts = claims(tests, keys, config.alpha) if 'tpad' in keys else pd.DataFrame()
-    table = _write_results(out, config, prepared, frame, tests, verdicts, skipped, why_no_tests)
+    table = _write_results(out, config, prepared, frame, tests, verdicts, skipped, why_no_tests, target_line)
     stage_frame = _stage_rows({k: v for k, v in stage_info.items() if k[0] != 'plain'}, config)
     if len(stage_frame): _write_csv(out / 'stages.csv', stage_frame)
     times['total'] = round(time.perf_counter() - t_all, 1)
@@ -1100,3 +1130,49 @@ def evidence_markdown(folder, link: str = '') -> str:
     if notes: body.append('\n'.join(notes))
     if len(verdicts): body.append(f"The abstract's claims, on {CLAIM_METRIC} per sample:\n\n" + claims_text(verdicts.replace({np.nan: None})))
     return '\n\n'.join(body)
+
+# %% ../nbs/09_experiment.ipynb #3d8cc6d9
+BENCHMARK_METRICS = ('HR@5', 'NDCG@5', 'HR@10', 'NDCG@10', 'HR@20', 'NDCG@20', 'MRR@20')
+
+
+def all_users(rows: pd.DataFrame, n_warm: int, n_cold: int, metrics=BENCHMARK_METRICS) -> pd.DataFrame:
+    "Each row's metrics over every test sample, cold-start targets included (the leave-one-out papers' protocol): the warm and cold means weighted by their counts."
+    out = rows[['model', 'seed']].copy()
+    for m in metrics:
+        cold = rows[f'cold {m}'].fillna(0.0) if f'cold {m}' in rows else 0.0
+        out[m] = (n_warm * rows[m] + n_cold * cold) / (n_warm + n_cold)
+    return out
+
+
+def benchmark_markdown(folder, link: str = '') -> str:
+    "The ID-only table of an evidence folder over all test users, and the published numbers it is compared with (`published.json`), as markdown."
+    folder = Path(folder)
+    info = json.loads((folder / 'evidence.json').read_text())
+    summary = json.loads((folder / 'summary.json').read_text())
+    test = summary['splits']['test']
+    n_warm, n_cold = test['samples'], test['cold_samples']
+    rows = all_users(pd.read_csv(folder / 'results.csv'), n_warm, n_cold)
+    table = results_table(rows)[['model', 'seeds', *BENCHMARK_METRICS]]
+    m, seeds = info['machine'], summary['seeds']
+    head = (f"What `{info['command']}` wrote (commit {info['commit']}, {info['date']}): {len(seeds)} seeds; "
+            f"{info['seconds']:.0f} s and {info['peak_memory_mb']} MB peak memory on {m['cpu']} ({m['cores']} cores), load "
+            f"average {info['load_average_before'][0]:.2f} before and {info['load_average_after'][0]:.2f} after. Test: one "
+            f"sample per user, full ranking over the {summary['items']} items, percent, mean ± std over the seeds, over all "
+            f"{n_warm + n_cold} test users ({n_cold} of them with a target never seen in training)."
+            + (f" The files: [`evidence/{folder.name}`]({link})." if link else ''))
+    body = [head, markdown_table(table)]
+    notes = [f"- {MODELS[k][0]}: {STILL_IMPROVING} in seed(s) {', '.join(map(str, s))}" for k, s in capped_seeds(pd.read_csv(folder / 'results.csv')).items()]
+    if notes: body.append('\n'.join(notes))
+    if (folder / 'published.json').exists():
+        pub = json.loads((folder / 'published.json').read_text())
+        ours = rows.groupby('model')[list(BENCHMARK_METRICS)].mean()
+        lines = []
+        for entry in pub['numbers']:
+            line = {'source': entry['source'], 'model': MODELS[entry['model']][0]}
+            for k, v in entry['metrics'].items():
+                line[f'{k} published'] = f'{100 * v:.2f}'
+                if entry['model'] in ours.index: line[f'{k} here'] = f"{100 * ours.loc[entry['model'], k]:.2f}"
+            lines.append(line)
+        body.append(f"{pub['intro']}\n\n" + markdown_table(pd.DataFrame(lines)))
+    return '\n\n'.join(body)
+
