@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .data import FORMAT_MODULES, LOADERS, DataFormatError, SessionData, atomic_write, load, stage_folder
-from .preprocess import Prepared, PreprocessConfig, prefix_loader, preprocess, report_table
+from .preprocess import Prepared, PreprocessConfig, preprocess, report_table
 from .mllm import MLLMConfig, add_adapters, corpus_texts, every_process, load_mllm, process_layout, wait_for_everyone
 from .stage1 import Stage1Config, check_knowledge_target, knowledge_features, tiny_stage1_config, train_knowledge
 from .stage2 import Stage2Config, align_features, tiny_stage2_config, train_transfer, transfer_features
 from .align import ABLATIONS, AlignConfig, AlignModel, ablation, heads_output, stage2b, tiny_align_config
-from .msbr import MSBR, FitConfig, MSBRConfig, evaluate_model, fit, score_samples
+from .msbr import MSBR, FitConfig, MSBRConfig, PrefixBatches, evaluate_model, fit, score_samples
 from .metrics import METRICS
 from .stats import compare_to, mean_interval
 from .mi import channel_mi_ceiling
@@ -734,7 +734,7 @@ def _probe_row(key: str, prepared: Prepared, config: RunConfig, features) -> dic
         fit_s = _timed(lambda: model.fit(prepared))
         return dict(fit=fit_s, per_sample=_timed(lambda: score_samples(model, small, n_items=prepared.n_items)) / max(1, len(small)))
     opt = torch.optim.Adam(model.parameters(), lr=config.fit.lr)
-    batches = iter(prefix_loader(prepared.samples['train'], batch_size=config.fit.batch_size, shuffle=True))
+    batches = iter(PrefixBatches(prepared.samples['train'], batch_size=config.fit.batch_size, shuffle=True))  # as `fit` batches
 
     def step():
         batch = next(batches)
