@@ -56,3 +56,37 @@ def test_index_renders_the_evidence():
         for o in c.get('outputs', []):
             shown = ''.join(o.get('data', {}).get('text/markdown', ''))
             if shown: assert shown.strip() == expected
+
+
+TOYS = ROOT / 'evidence' / 'amazon-toys-ids'
+TOYS_SECTION = '## The Amazon Toys table (ID-only, leave-one-out)'
+
+
+def test_toys_evidence_is_complete():
+    "The ID-only Toys table: one command, at least 3 seeds, every ID-only row, the published numbers it is set beside."
+    from tpad.experiment import ID_ONLY_KEYS
+    for name in ('results.csv', 'results.md', 'summary.json', 'evidence.json', 'published.json'): assert (TOYS / name).is_file(), name
+    info = json.loads((TOYS / 'evidence.json').read_text())
+    assert info['command'].startswith('tpad run --preset amazon-toys-ids --seeds ') and info['seconds'] > 0
+    rows = pd.read_csv(TOYS / 'results.csv')
+    assert set(rows['model']) == set(ID_ONLY_KEYS) and rows.groupby('model')['seed'].nunique().min() >= 3
+    published = json.loads((TOYS / 'published.json').read_text())
+    assert all(n['source'] and n['model'] in ID_ONLY_KEYS and n['metrics'] for n in published['numbers'])
+
+
+def test_readme_toys_table_is_the_evidence():
+    from tpad.experiment import benchmark_markdown
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    assert section(readme, TOYS_SECTION) == benchmark_markdown(TOYS, link=evidence_link('amazon-toys-ids')).strip()
+
+
+def test_index_renders_the_toys_evidence():
+    from tpad.experiment import benchmark_markdown
+    cells = index_cells()
+    start = next(i for i, c in enumerate(cells) if ''.join(c['source']).startswith(TOYS_SECTION))
+    end = next(i for i in range(start + 1, len(cells)) if ''.join(cells[i]['source']).startswith('## '))
+    code = [c for c in cells[start:end] if c['cell_type'] == 'code']
+    assert any('benchmark_markdown(' in ''.join(c['source']) for c in code), 'no cell renders the evidence'
+    expected = benchmark_markdown(TOYS, link=evidence_link('amazon-toys-ids')).strip()
+    shown = [''.join(o.get('data', {}).get('text/markdown', '')) for c in code for o in c.get('outputs', [])]
+    assert expected in [s.strip() for s in shown], 'the stored output is not the evidence'
