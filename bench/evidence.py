@@ -84,6 +84,7 @@ def main(argv=None):
            '--out', str(out), '--progress', 'false', *args.extra]
     shown = ' '.join(['tpad', *cmd[1:]]).replace(str(ROOT) + '/', '')
     print(f'[evidence] {shown}', flush=True)
+    code = commit()  # the code the run starts from (a commit made while it runs must not be credited with it)
     load_before, t0 = os.getloadavg(), time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f'{args.preset}.log', 'w') as log:  # the run's whole log, beside the run folder
@@ -94,7 +95,7 @@ def main(argv=None):
     dest.mkdir(parents=True, exist_ok=True)
     for name in EVIDENCE_FILES:
         if (out / name).exists(): shutil.copyfile(out / name, dest / name)
-    info = dict(command=shown, commit=commit(), date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+    info = dict(command=shown, commit=code, date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
                 seconds=round(seconds, 1), peak_memory_mb=round(peak_kb / 1024), machine=machine(),
                 load_average_before=[round(x, 2) for x in load_before], load_average_after=[round(x, 2) for x in load_after])
     atomic_write(lambda p: p.write_text(json.dumps(info, indent=1)), dest / 'evidence.json')
