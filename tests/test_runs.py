@@ -39,6 +39,7 @@ def test_dataset_alone_gets_a_generic_run_named_after_its_data():
     assert cfg.preprocess.min_item_support == 5 and cfg.fit.epochs == make_config('generic').fit.epochs  # not the toyshop's
     assert make_config().preset == 'toyshop-tiny' and run_dir(make_config()) == Path('runs/toyshop-tiny')
     assert run_dir(make_config('amazon-toys-ids', path='x')) == Path('runs/amazon-toys-ids')
+    assert run_dir(make_config('large-catalogue', dataset='csv', path='/d/bigshop')) == Path('runs/bigshop-large-catalogue')
 
 
 def test_csv_run_is_named_and_headed_after_its_data(tmp_path):

@@ -194,10 +194,11 @@ def make_config(preset: str | None = None, **overrides) -> RunConfig:
 
 
 def run_name(config: RunConfig) -> str:
-    "What a run is called (its folder, its results' heading): the preset, or for a generic run its data's name."
-    if config.preset != 'generic': return config.preset
+    "What a run is called (its folder, its results' heading): a preset made for one dataset by its name; otherwise after its data (and the preset, unless generic)."
+    if 'dataset' in PRESETS.get(config.preset, {}): return config.preset
     name = Path(config.path.rstrip('/')).stem if config.path else config.dataset
-    return re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-.') or config.dataset
+    name = re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-.') or config.dataset
+    return name if config.preset == 'generic' else f'{name}-{config.preset}'  # a generic and a capped run never share a folder
 
 
 def run_dir(config: RunConfig) -> Path:
