@@ -102,3 +102,15 @@ def test_titles_only_with_a_text_target_gets_one_line_of_advice(tmp_path):
     assert r.stderr.strip().splitlines() == ["tpad run: stage1.target_field 'text': no item has text; the items have title; "
                                              "use --stage1.target_field auto or title"], r.stderr[-3000:]
     assert not (tmp_path / 'run' / 'stages').exists()  # nothing trained
+
+
+def test_id_only_rows_of_every_seed_queued_at_once_give_the_same_table(tmp_path):
+    "With no MLLM stage to wait for, every seed's rows go to the row processes at once; the table is the one-by-one table."
+    common = ['run', '--preset', 'toyshop-smoke', '--models', 'pop,gru4rec,srgnn', '--seeds', '2', '--figures', 'none']
+    side = subprocess.run(tpad_cmd(*common, '--jobs', '2', '--out', tmp_path / 'side'), capture_output=True, text=True)
+    alone = subprocess.run(tpad_cmd(*common, '--jobs', '1', '--threads', '1', '--out', tmp_path / 'alone'), capture_output=True, text=True)
+    assert side.returncode == 0 and alone.returncode == 0, side.stderr[-2000:] + alone.stderr[-2000:]
+    a, b = (pd.read_csv(tmp_path / d / 'results.csv') for d in ('side', 'alone'))
+    metrics = [c for c in a.columns if '@' in c]
+    assert a[['model', 'seed']].equals(b[['model', 'seed']])
+    pd.testing.assert_frame_equal(a[metrics], b[metrics])

@@ -857,11 +857,11 @@ def _fit_row(key: str, features, seed: int) -> tuple[dict, dict]:
     return fit_and_score(key, _WORKER['prepared'], _WORKER['config'], features, seed, _WORKER['out'], ranks), ranks
 
 
-def _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log, pool=None, done=None, on_row=None) -> list[dict]:
+def _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log, pool=None, done=None, on_row=None, futures=None) -> list[dict]:
     "Fit and score every row with pipeline seed `seed` (in `pool`'s processes if given), keeping those in `done`; each row's per-sample test ranks go into `ranks[key, seed]`, its line to `on_row`."
     done = done or {}
     todo = [k for k in keys if (k, seed) not in done]
-    if pool is not None: futures = {key: pool.submit(_fit_row, key, aligned.get(needs[key]), seed) for key in todo}
+    if pool is not None and futures is None: futures = {key: pool.submit(_fit_row, key, aligned.get(needs[key]), seed) for key in todo}
     rows = []
     for key in keys:
         if (key, seed) in done: row, ranks[key, seed] = done[key, seed]
@@ -917,7 +917,9 @@ def _write_results(out: Path, config: RunConfig, prepared: Prepared, frame: pd.D
 
 def _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage_info, ranks, times, pool, done, on_row) -> None:
     "The stages and the rows of every pipeline seed; rows in `done` are kept, not refitted; `on_row` gets every row's line."
-    plain, staged = None, {}
+    plain, staged, ahead = None, {}, {}
+    if pool is not None and main and all(needs[k] is None for k in keys):  # ID-only rows need no stage: queue every seed's rows now
+        ahead = {s: {k: pool.submit(_fit_row, k, None, s) for k in keys if (k, s) not in done} for s in seeds}
     for seed in seeds:
         t0, stage_seed = time.perf_counter(), seeds[0] if config.fixed_stages else seed
         todo = [k for k in keys if (k, seed) not in done]
@@ -937,7 +939,7 @@ def _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage
         times['stages'] = round(times['stages'] + time.perf_counter() - t0, 1)
         aligned = {k: align_features(v, data.items, prepared) for k, v in feats.items()}
         t0 = time.perf_counter()
-        _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log, pool, done, on_row)
+        _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log, pool, done, on_row, ahead.get(seed))
         times['models'] = round(times['models'] + time.perf_counter() - t0, 1)
 
 
