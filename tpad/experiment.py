@@ -1110,6 +1110,13 @@ def evidence_link(preset: str) -> str:
     return f'{EVIDENCE_URL}/{preset}/results.md'
 
 
+def _machine_line(info: dict) -> str:
+    "The seconds, peak memory, machine and load of an evidence run, as one clause."
+    m = info['machine']
+    return (f"{info['seconds']:.0f} s and {info['peak_memory_mb']} MB peak memory on {m['cpu']} ({m['cores']} cores), load "
+            f"average {info['load_average_before'][0]:.2f} before and {info['load_average_after'][0]:.2f} after")
+
+
 def evidence_markdown(folder, link: str = '') -> str:
     "The table, marks and claims of an evidence folder written by `bench/evidence.py`, as markdown, every number read from its files."
     folder = Path(folder)
@@ -1119,11 +1126,9 @@ def evidence_markdown(folder, link: str = '') -> str:
     tests = pd.read_csv(folder / 'significance.csv') if (folder / 'significance.csv').exists() else pd.DataFrame()
     verdicts = pd.read_csv(folder / 'claims.csv') if (folder / 'claims.csv').exists() else pd.DataFrame()
     table = results_table(rows, tests)
-    m, seeds = info['machine'], summary['seeds']
+    seeds = summary['seeds']
     head = (f"What `{info['command']}` wrote (commit {info['commit']}, {info['date']}): {len(seeds)} pipeline seeds, each "
-            f"rerunning Stages 1, 2a and 2b and every recommender; {info['seconds']:.0f} s and {info['peak_memory_mb']} MB "
-            f"peak memory on {m['cpu']} ({m['cores']} cores), load average {info['load_average_before'][0]:.2f} before and "
-            f"{info['load_average_after'][0]:.2f} after. Test split, full ranking over the {summary['items']} items, percent, "
+            f"rerunning Stages 1, 2a and 2b and every recommender; {_machine_line(info)}. Test split, full ranking over the {summary['items']} items, percent, "
             f"mean ± std over the seeds; the cold columns are the {summary['splits']['test']['cold_samples']} test samples "
             f"whose target was never clicked in training. Marks: TPAD against the row, paired over the same seeds and test "
             f"samples (bootstrap over seeds and test sessions, Holm-corrected per column): ▲ TPAD is better at 5 %, ▼ worse, = no "
@@ -1154,17 +1159,16 @@ def benchmark_markdown(folder, link: str = '') -> str:
     summary = json.loads((folder / 'summary.json').read_text())
     test = summary['splits']['test']
     n_warm, n_cold = test['samples'], test['cold_samples']
-    rows = all_users(pd.read_csv(folder / 'results.csv'), n_warm, n_cold)
+    results = pd.read_csv(folder / 'results.csv')
+    rows = all_users(results, n_warm, n_cold)
     table = results_table(rows)[['model', 'seeds', *BENCHMARK_METRICS]]
-    m, seeds = info['machine'], summary['seeds']
-    head = (f"What `{info['command']}` wrote (commit {info['commit']}, {info['date']}): {len(seeds)} seeds; "
-            f"{info['seconds']:.0f} s and {info['peak_memory_mb']} MB peak memory on {m['cpu']} ({m['cores']} cores), load "
-            f"average {info['load_average_before'][0]:.2f} before and {info['load_average_after'][0]:.2f} after. Test: one "
+    head = (f"What `{info['command']}` wrote (commit {info['commit']}, {info['date']}): {len(summary['seeds'])} seeds; "
+            f"{_machine_line(info)}. Test: one "
             f"sample per user, full ranking over the {summary['items']} items, percent, mean ± std over the seeds, over all "
             f"{n_warm + n_cold} test users ({n_cold} of them with a target never seen in training)."
             + (f" The files: [`evidence/{folder.name}`]({link})." if link else ''))
     body = [head, markdown_table(table)]
-    notes = [f"- {MODELS[k][0]}: {STILL_IMPROVING} in seed(s) {', '.join(map(str, s))}" for k, s in capped_seeds(pd.read_csv(folder / 'results.csv')).items()]
+    notes = [f"- {MODELS[k][0]}: {STILL_IMPROVING} in seed(s) {', '.join(map(str, s))}" for k, s in capped_seeds(results).items()]
     if notes: body.append('\n'.join(notes))
     if (folder / 'published.json').exists():
         pub = json.loads((folder / 'published.json').read_text())
