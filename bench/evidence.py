@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from tpad.data import atomic_write
+from tpad.artifacts import atomic_write
 from tpad.experiment import EVIDENCE_FILES, benchmark_markdown, evidence_link, evidence_markdown
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -220,7 +220,7 @@ def test_killed_cache_write_leaves_old_or_new_never_torn(cache_kills, name):
 @pytest.mark.parametrize('name', CACHES)
 def test_cache_rewrite_after_kill(cache_kills, name):
     """The next run writes over whatever the kill left: the new cache is sealed and loads, and the temporary files
-    of the killed writer are gone (`tpad.data.atomic_write` removes those of processes that no longer run)."""
+    of the killed writer are gone (`tpad.artifacts.atomic_write` removes those of processes that no longer run)."""
     path = cache_kills['paths'][name]
     sidecar = path.with_suffix('.json')
     v = cache_kills['states'][name]['started'] + 1

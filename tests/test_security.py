@@ -208,7 +208,7 @@ def test_run_artifacts_are_safetensors_and_json_only(tiny_run):
 
 def test_run_files_have_the_umasks_permissions(tiny_run):
     """Every file of the run is readable as the umask allows (0666 less the umask), like any file the user writes:
-    safetensors creates its files 0600, which `tpad.data.atomic_write` and the checkpoint writer correct."""
+    safetensors creates its files 0600, which `tpad.artifacts.atomic_write` and the checkpoint writer correct."""
     mask = os.umask(0o022); os.umask(mask)
     files = [p for p in tiny_run['files'] if tiny_run['out'] in p.parents]
     wrong = {str(p.relative_to(tiny_run['out'])): oct(p.stat().st_mode & 0o777) for p in files

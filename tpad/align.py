@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .data import Report, atomic_write
+from .artifacts import atomic_write
+from .data import Report
 from .mi import CLUB, MINE, MMD, NWJ, InfoNCE, channel_mi_ceiling, fit_estimator
 from .mllm import (MLLMConfig, _all_gather_rows, enable_gradient_checkpointing, generation_loss, pool, process_layout,
                        readout, use_adapter, wait_for_everyone)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .metrics import target_ranks
 from .msbr import load_msbr
-from .data import atomic_write, stage_folder
+from .artifacts import atomic_write, stage_folder
 from .preprocess import Prepared, Samples, collate_prefixes, load_image, prefix_loader
 
 # %% auto #0

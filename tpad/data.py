@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['ITEM_COLUMNS', 'INTERACTION_COLUMNS', 'LOADERS', 'FORMAT_MODULES', 'DataFormatError', 'Report', 'read_table',
-           'to_number', 'to_seconds', 'SessionData', 'check_items', 'items_from_interactions', 'sessionize', 'loader',
-           'load', 'check_ids', 'resolve_images', 'load_csv', 'load_diginetica', 'load_yoochoose', 'shared_data_dir',
-           'atomic_write', 'stage_folder']
+__all__ = ['ITEM_COLUMNS', 'INTERACTION_COLUMNS', 'LOADERS', 'FORMAT_MODULES', 'DataFormatError', 'Report', 'decode_text',
+           'read_table', 'to_number', 'to_seconds', 'SessionData', 'check_items', 'items_from_interactions',
+           'sessionize', 'loader', 'load', 'check_ids', 'resolve_images', 'load_csv', 'find_file', 'load_diginetica',
+           'load_yoochoose', 'shared_data_dir']
 
 # %% ../nbs/00_data.ipynb #2b9f82bf
 class DataFormatError(ValueError):
@@ -58,7 +58,7 @@ class Report:
 _WIDE_BOMS = {b'\xff\xfe\x00\x00': 'UTF-32', b'\x00\x00\xfe\xff': 'UTF-32', b'\xff\xfe': 'UTF-16', b'\xfe\xff': 'UTF-16'}
 
 
-def _decode(raw: bytes, path, report: Report | None) -> str:
+def decode_text(raw: bytes, path, report: Report | None) -> str:
     "Decode UTF-8, replacing bad bytes and counting the lines that had them; UTF-16/32 files raise."
     for bom, name in _WIDE_BOMS.items():
         if raw.startswith(bom):
@@ -82,7 +82,7 @@ def read_table(path, sep: str = ',', required=(), names=None, report: Report | N
     "Read a delimited text file as strings; bad bytes are replaced and counted, malformed rows raise naming file and line."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"{path}: no such file")
-    text = _decode(path.read_bytes(), path, report)
+    text = decode_text(path.read_bytes(), path, report)
     try:
         df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_filter=False,
                          header=None if names else 'infer', names=names, engine='c', quoting=0)
@@ -292,7 +292,8 @@ def load_csv(path, items_file: str = 'items.csv', interactions_file: str = 'inte
     return SessionData(items, inter, name=name or path.name, report=rep)
 
 # %% ../nbs/00_data.ipynb #52bce985
-def _find(path: Path, patterns) -> Path | None:
+def find_file(path: Path, patterns) -> Path | None:
+    "The first file in folder `path` matching one of the glob `patterns`, tried in order; None if none matches."
     for p in patterns:
         hits = sorted(path.glob(p))
         if hits: return hits[0]
@@ -311,7 +312,7 @@ def _first_per_id(table: pd.DataFrame, column: str, path: Path, report: Report) 
 def load_diginetica(path, on_unknown: str = 'error', name: str = 'diginetica') -> SessionData:
     "DIGINETICA views (`*train-item-views.csv`), with `products.csv`/`product-categories.csv` when present."
     path = Path(path)
-    views_file = path if path.is_file() else _find(path, ['train-item-views.csv', '*train-item-views.csv'])
+    views_file = path if path.is_file() else find_file(path, ['train-item-views.csv', '*train-item-views.csv'])
     if views_file is None: raise FileNotFoundError(f"{path}: no train-item-views.csv found")
     folder = views_file.parent
     rep = Report()
@@ -390,55 +391,3 @@ def shared_data_dir() -> Path | None:
     here = Path(__file__).resolve() if '__file__' in globals() else Path.cwd().resolve()
     candidates += [p / 'shared' / 'data' for p in [here, *here.parents][:5]]
     return next((c for c in candidates if c.is_dir()), None)
-
-# %% ../nbs/00_data.ipynb #9293bcaf
-def _write_error(e: BaseException, path) -> OSError:
-    "An OSError naming `path` for the failed write `e`."
-    code = getattr(e, 'errno', None)
-    if code is None and (m := re.search(r'os error (\d+)', str(e))): code = int(m.group(1))
-    return OSError(code or errno.EIO, f"could not write {path}: {getattr(e, 'strerror', None) or e}")
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name != 'posix': return True  # signal 0 probes a process only on POSIX (on Windows os.kill terminates it)
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True  # someone else's process
-    return True
-
-
-def _remove_stale_temps(path: Path) -> list[Path]:
-    "Remove the temporary files that writers of `path` left when they were killed (their process is gone)."
-    removed = []
-    for tmp in path.parent.glob(f'.{glob.escape(path.name)}.tmp*'):
-        pid = tmp.name[len(path.name) + 5:]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True); removed.append(tmp)
-    return removed
-
-
-def _umask() -> int:
-    mask = os.umask(0o022); os.umask(mask)
-    return mask
-
-
-def atomic_write(write: Callable[[Path], object], path) -> Path:
-    "Call `write(tmp)` on a temporary file beside `path`, then rename it onto `path`; on failure no temporary file is left and I/O errors name `path`."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) or type(e).__name__ == 'SafetensorError': raise _write_error(e, path) from e
-        raise
-    return path
-
-# %% ../nbs/00_data.ipynb #c6303402
-def stage_folder(run_dir, name: str, seed: int = 0) -> Path:
-    "Where a `tpad run` folder keeps the outputs of stage `name` run with pipeline seed `seed`."
-    return Path(run_dir) / 'stages' / (name if seed == 0 else f'{name}-seed{seed}')

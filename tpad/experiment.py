@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .data import FORMAT_MODULES, LOADERS, DataFormatError, SessionData, atomic_write, load, stage_folder
+from .data import FORMAT_MODULES, LOADERS, DataFormatError, SessionData, load
+from .artifacts import atomic_write, stage_folder
 from .preprocess import Prepared, PreprocessConfig, preprocess, report_table
 from .mllm import MLLMConfig, add_adapters, corpus_texts, every_process, load_mllm, process_layout, wait_for_everyone
 from .stage1 import Stage1Config, check_knowledge_target, knowledge_features, tiny_stage1_config, train_knowledge

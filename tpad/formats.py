@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import (INTERACTION_COLUMNS, ITEM_COLUMNS, DataFormatError, Report, SessionData, _decode, _find,
-                       atomic_write, check_ids, check_items, items_from_interactions, loader, load, read_table, resolve_images, sessionize,
+from .data import (INTERACTION_COLUMNS, ITEM_COLUMNS, DataFormatError, Report, SessionData, decode_text, find_file,
+                       check_ids, check_items, items_from_interactions, loader, load, read_table, resolve_images, sessionize,
                        shared_data_dir, to_number, to_seconds)
+from .artifacts import atomic_write
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'AMAZON_VERSIONS', 'RECBOLE_TYPES', 'read_json_lines', 'user_sessions', 'number_or_nan',
@@ -34,7 +35,7 @@ def read_json_lines(path, report: Report | None = None) -> tuple[list[dict], lis
     if path.suffix == '.gz':
         try: raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e: raise DataFormatError(f"{path}: not a readable gzip file: {e}") from None
-    lines = _decode(raw, path, report).split('\n')
+    lines = decode_text(raw, path, report).split('\n')
     if lines and lines[-1].strip() == '': lines = lines[:-1]  # the final newline ends a line, it is not one
     records, numbers, blank = [], [], 0
     for i, line in enumerate(lines, 1):
@@ -319,8 +320,8 @@ def load_hm(path, session_gap: float | None = None, images=None, articles_file=N
     "H&M articles + transactions (CSV or parquet) + product photos (`images/`, nested or flat) as per-day sessions."
     path = Path(path)
     if not path.is_dir(): raise FileNotFoundError(f"{path}: no such folder")
-    art_path = path / articles_file if articles_file else _find(path, ['articles.parquet', 'articles.csv', 'articles*.parquet', 'articles*.csv'])
-    tr_path = path / transactions_file if transactions_file else _find(
+    art_path = path / articles_file if articles_file else find_file(path, ['articles.parquet', 'articles.csv', 'articles*.parquet', 'articles*.csv'])
+    tr_path = path / transactions_file if transactions_file else find_file(
         path, ['transactions_train.parquet', 'transactions_train.csv', 'transactions*.parquet', 'transactions*.csv'])
     if art_path is None or tr_path is None:
         raise FileNotFoundError(f"{path}: no {'articles' if art_path is None else 'transactions'}(.csv|.parquet) file")
@@ -480,10 +481,10 @@ def export_recbole(data: SessionData, out_dir, name: str | None = None) -> Recbo
 def load_sequences(path, items_file: str | None = None, on_unknown: str = 'error', name: str | None = None) -> SessionData:
     "One line per user, `userID item1 item2 ...` in time order (the leave-one-out benchmarks): one session per user, an item's position as its time."
     path = Path(path)
-    file = path if path.is_file() else _find(path, ['user_sequence.txt', '*.txt']) if path.is_dir() else None
+    file = path if path.is_file() else find_file(path, ['user_sequence.txt', '*.txt']) if path.is_dir() else None
     if file is None: raise FileNotFoundError(f"{path}: no user sequence file (user_sequence.txt or *.txt)")
     rep = Report()
-    lines = _decode(file.read_bytes(), file, rep).split('\n')
+    lines = decode_text(file.read_bytes(), file, rep).split('\n')
     if lines and not lines[-1].strip(): lines = lines[:-1]  # the final newline ends a line, it is not one
     users, items, positions, first_line, blank, empty = [], [], [], {}, 0, []
     for n, line in enumerate(lines, 1):

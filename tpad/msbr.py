@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .data import atomic_write
+from .artifacts import atomic_write
 from .metrics import StreamingEvaluator, streaming_target_ranks, target_ranks, metrics_from_ranks
 from .preprocess import Prepared, Samples, collate_prefixes, prefix_loader
 

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .data import Report, SessionData, atomic_write
+from .artifacts import atomic_write
+from .data import Report, SessionData
 from peft import PeftModel
 
 from .mllm import (MLLMConfig, add_adapters, encode, every_process, generation_loss, item_features, item_prompt,

@@ -31,7 +31,7 @@ from torch import nn, Tensor
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from .data import _umask, atomic_write
+from .artifacts import atomic_write, umask
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'MIXED_PRECISION', 'CHECKPOINT_RE', 'TrainConfig', 'resolve_mixed_precision', 'WarmupSchedule',
@@ -302,7 +302,7 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, step
     save_tree(rng_state(), tmp/f'rng-{0 if accelerator is None else accelerator.process_index}')
     _barrier(accelerator)
     if main:
-        for f in tmp.iterdir(): os.chmod(f, 0o666 & ~_umask())  # safetensors writes 0600 whatever the umask
+        for f in tmp.iterdir(): os.chmod(f, 0o666 & ~umask())  # safetensors writes 0600 whatever the umask
         _replace_dir(tmp, path)
     _barrier(accelerator)
     return path

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .data import atomic_write, stage_folder
+from .artifacts import atomic_write, stage_folder
 from .mi import MMD
 
 # %% auto #0
