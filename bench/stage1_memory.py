@@ -111,7 +111,7 @@ def setup(shape: str, batch: int, checkpointing: bool, device: str, dtype_name: 
     "(model with adapters, its inputs with labels, the encoded batch) of one row, built in this process."
     import torch
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
-    from tpad.mllm import (MLLMConfig, Qwen2VLImageOnlyProcessor, _inputs, add_adapters, corpus_texts,
+    from tpad.mllm import (MLLMConfig, Qwen2VLImageOnlyProcessor, model_inputs, add_adapters, corpus_texts,
                            enable_gradient_checkpointing, encode, item_prompt, tiny_tokenizer)
     from gpu_extract import qwen2vl_config
     dtype = {'bfloat16': torch.bfloat16, 'float32': torch.float32}[dtype_name]
@@ -139,7 +139,7 @@ def setup(shape: str, batch: int, checkpointing: bool, device: str, dtype_name: 
     assert n_params == PARAMETERS[shape], (shape, n_params)
     if checkpointing: enable_gradient_checkpointing(model)
     model = add_adapters(model, cfg)
-    return model, dict(_inputs(model, b), labels=b['labels'].to(device)), b
+    return model, dict(model_inputs(model, b), labels=b['labels'].to(device)), b
 
 
 def run_row(shape: str, batch: int, checkpointing: bool, device: str, dtype_name: str) -> dict:

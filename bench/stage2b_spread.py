@@ -34,7 +34,7 @@ import torch
 from tpad.data import load
 from tpad.experiment import MODELS, _data_path, _load_options, fit_and_score, make_config, run_stages
 from tpad.preprocess import preprocess
-from tpad.stage2 import align_features
+from tpad.preprocess import rows_in_index_order
 
 ROWS = 'tpad,tpad_no_mi,tpad_no_disentangle,tpad_no_gen'
 
@@ -79,7 +79,7 @@ def run_seed(s: int, out: Path, models: str, fit_seed: int | None, fresh_align: 
     feats, info = run_stages(config, data, prepared, {MODELS[k][1] for k in keys} - {None, 'plain'}, folder,
                              log=lambda *a, **k: None)
     stage_seconds = round(time.perf_counter() - t0, 1)
-    aligned = {k: align_features(v, data.items, prepared) for k, v in feats.items()}
+    aligned = {k: rows_in_index_order(v, data.items, prepared) for k, v in feats.items()}
     rows, fs = [], (s if 'fit' in vary else 0) if fit_seed is None else fit_seed
     for key in keys:
         variant = MODELS[key][1]

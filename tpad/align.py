@@ -20,11 +20,10 @@ from torch import Tensor, nn
 from .artifacts import atomic_write
 from .data import Report
 from .mi import CLUB, MINE, MMD, NWJ, InfoNCE, channel_mi_ceiling, fit_estimator
-from .mllm import (MLLMConfig, _all_gather_rows, enable_gradient_checkpointing, generation_loss, pool, process_layout,
+from .mllm import (MLLMConfig, all_gather_rows, hidden_size, enable_gradient_checkpointing, generation_loss, pool, process_layout,
                        readout, use_adapter, wait_for_everyone)
 from .stage1 import (KnowledgeData, KnowledgeTarget, Stage1Config, adapter_hash, cached_item_features,
                          check_knowledge_target, feature_key, save_features, tiny_stage1_config)
-from .stage2 import _feature_dim
 from .train import TrainConfig, TrainResult, history_frame, train
 
 # %% auto #0
@@ -134,7 +133,7 @@ class AlignModel(nn.Module):
     def __init__(self, mllm: nn.Module, h_T: Tensor, config: AlignConfig):
         super().__init__()
         self.mllm, self.config = mllm, config
-        d_K, d_T = _feature_dim(mllm), h_T.shape[1]
+        d_K, d_T = hidden_size(mllm), h_T.shape[1]
         torch.manual_seed(config.seed)
         self.f_sh = head(d_K, config.head_hidden, config.dim)
         self.f_sp = head(d_K, config.head_hidden, config.dim) if config.heads == 'two' else None
@@ -241,7 +240,7 @@ class AlignLoss:
         # them, in process order (= their order in one process with grad_accum_steps x P): the noise draws, q's fit
         # and the bound; it keeps the differentiable codes and the bound of its own micro-batch
         widths = [s.shape[1] for s in std]
-        shards = _all_gather_rows(torch.cat([s.detach() for s in std], 1))
+        shards = all_gather_rows(torch.cat([s.detach() for s in std], 1))
         codes = fit = bound = None
         for j, shard in enumerate(shards):
             if j == rank: parts = std
@@ -276,8 +275,8 @@ def fit_q(club: CLUB, x: Tensor, y: Tensor, steps: int, lr: float) -> Tensor:
 
 def _hidden(mllm, batch: dict) -> Tensor:
     "Last hidden states of a batch without the LM head's loss (alpha = 0)."
-    from tpad.mllm import _inputs, _last_hidden
-    return _last_hidden(mllm, _inputs(mllm, batch))
+    from tpad.mllm import model_inputs, last_hidden_states
+    return last_hidden_states(mllm, model_inputs(mllm, batch))
 
 # %% ../nbs/06_alignment.ipynb #a4d988e8
 @torch.no_grad()

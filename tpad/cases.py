@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .metrics import target_ranks
 from .msbr import load_msbr
 from .artifacts import atomic_write, stage_folder
-from .preprocess import Prepared, Samples, collate_prefixes, load_image, prefix_loader
+from .preprocess import Prepared, Samples, collate_prefixes, load_image, prefix_loader, rows_in_index_order
 
 # %% auto #0
 __all__ = ['KINDS', 'RUN_MODELS', 'NOT_SAVED', 'GREEN', 'RED', 'CaseConfig', 'run_features', 'load_run_models', 'case_sample',
@@ -101,8 +101,7 @@ def _run_plain_features(run_dir: Path, items: pd.DataFrame) -> Tensor:
 
 def run_features(run_dir, stage: str, items: pd.DataFrame, prepared: Prepared, seed: int = 0) -> Tensor:
     "The `features` of stage `stage` (or 'plain') of a `tpad run` folder, in `prepared`'s item-index order (as `tpad run` trains on them)."
-    from tpad.stage2 import align_features  # imports the MLLM code: only when features are needed
-    if stage == 'plain': return align_features(_run_plain_features(Path(run_dir), items), items, prepared)
+    if stage == 'plain': return rows_in_index_order(_run_plain_features(Path(run_dir), items), items, prepared)
     folder = stage_folder(run_dir, stage, seed)
     data, seal = folder / 'outputs.safetensors', folder / 'stage.json'
     if not data.is_file(): raise FileNotFoundError(f'{data}: no such file; the run did not produce stage {stage!r}')
@@ -110,7 +109,7 @@ def run_features(run_dir, stage: str, items: pd.DataFrame, prepared: Prepared, s
     with safe_open(str(data), framework='pt') as f:
         if 'features' not in f.keys(): raise KeyError(f"{data} holds no tensor 'features' (it has {sorted(f.keys())[:5]}...)")
         features = f.get_tensor('features')
-    return align_features(features, items, prepared)
+    return rows_in_index_order(features, items, prepared)
 
 
 def load_run_models(run_dir, prepared: Prepared, items: pd.DataFrame, keys=('srgnn', 'tpad'), seed: int = 0) -> dict:

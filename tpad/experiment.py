@@ -34,17 +34,17 @@ from safetensors.torch import load_file, save_file
 
 from .data import FORMAT_MODULES, LOADERS, DataFormatError, SessionData, load
 from .artifacts import atomic_write, stage_folder
-from .preprocess import Prepared, PreprocessConfig, preprocess, report_table
+from .preprocess import Prepared, PreprocessConfig, preprocess, report_table, rows_in_index_order
 from .mllm import MLLMConfig, add_adapters, corpus_texts, every_process, load_mllm, process_layout, wait_for_everyone
 from .stage1 import Stage1Config, check_knowledge_target, knowledge_features, tiny_stage1_config, train_knowledge
-from .stage2 import Stage2Config, align_features, tiny_stage2_config, train_transfer, transfer_features
+from .stage2 import Stage2Config, tiny_stage2_config, train_transfer, transfer_features
 from .align import ABLATIONS, AlignConfig, AlignModel, ablation, heads_output, stage2b, tiny_align_config
 from .msbr import MSBR, FitConfig, MSBRConfig, PrefixBatches, evaluate_model, fit, score_samples
 from .metrics import METRICS
 from .stats import compare_to, mean_interval
 from .mi import channel_mi_ceiling
 from . import baselines
-from .viz import VizConfig, plot_run_alignment
+from .viz_alignment import VizConfig, plot_run_alignment
 from .cases import CaseConfig, load_run_models, plot_run_cases
 from .viz_data import category_transitions, item_grid, session_length_plot, transition_heatmap
 
@@ -938,7 +938,7 @@ def _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage
                 stage_info['plain', seed] = dict(seconds=round(time.perf_counter() - t1, 1))
             feats['plain'] = plain
         times['stages'] = round(times['stages'] + time.perf_counter() - t0, 1)
-        aligned = {k: align_features(v, data.items, prepared) for k, v in feats.items()}
+        aligned = {k: rows_in_index_order(v, data.items, prepared) for k, v in feats.items()}
         t0 = time.perf_counter()
         _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log, pool, done, on_row, ahead.get(seed))
         times['models'] = round(times['models'] + time.perf_counter() - t0, 1)

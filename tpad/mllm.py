@@ -40,8 +40,9 @@ __all__ = ['ADAPTERS', 'LANGUAGE_ATTENTION', 'MLLMConfig', 'TinyMLLMConfig', 'co
            'Qwen2VLImageOnlyProcessor', 'build_tiny_mllm', 'cache_dir', 'tiny_mllm_path', 'MLLMLoadError',
            'load_processor', 'enable_gradient_checkpointing', 'load_mllm', 'parameter_counts', 'add_adapters',
            'active_adapter', 'use_adapter', 'image_placeholder', 'Prompt', 'item_prompt', 'session_prompt', 'encode',
-           'prompt_mask', 'pool', 'readout', 'generation_loss', 'prompt_lengths', 'merge_batches', 'process_layout',
-           'every_process', 'wait_for_everyone', 'item_features']
+           'model_inputs', 'prompt_mask', 'pool', 'last_hidden_states', 'hidden_size', 'readout', 'generation_loss',
+           'prompt_lengths', 'merge_batches', 'process_layout', 'every_process', 'wait_for_everyone', 'all_gather_rows',
+           'item_features']
 
 # %% ../nbs/02_mllm.ipynb #e1391c9f
 ADAPTERS = ('knowledge', 'transfer')  # the two "parallel MLLMs" of TPAD, as LoRA adapter names
@@ -600,7 +601,7 @@ def _unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def _inputs(model, batch: dict, non_blocking: bool = False) -> dict:
+def model_inputs(model, batch: dict, non_blocking: bool = False) -> dict:
     "The batch on the model's device, pixel values in the model's dtype, labels dropped."
     p = _first_param(model)
     out = {}
@@ -636,21 +637,27 @@ def _pool_masked(hidden: Tensor, mask: Tensor, how: str) -> Tensor:
     raise ValueError(f"how must be 'last' or 'mean', not {how!r}")
 
 
-def _last_hidden(model, inputs: dict) -> Tensor:
+def last_hidden_states(model, inputs: dict) -> Tensor:
     "[B, T, d] last layer's hidden states of model inputs on the model's device (the LM head runs on one position only)."
     return model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states[-1]
 
 
+def hidden_size(model) -> int:
+    "The width d of the language model inside `model` (a peft model or not): the size of its hidden states."
+    base = model.get_base_model() if hasattr(model, 'get_base_model') else model
+    return base.config.get_text_config().hidden_size
+
+
 def readout(model, batch: dict, how: str = 'last') -> Tensor:
     "[B, d] features of a batch from `encode`: the last layer's hidden state pooled over the prompt tokens."
-    return pool(_last_hidden(model, _inputs(model, batch)), batch, how)
+    return pool(last_hidden_states(model, model_inputs(model, batch)), batch, how)
 
 
 def generation_loss(model, batch: dict) -> tuple[Tensor, Tensor]:
     "The causal-LM loss of an `encode` batch with targets, and the last hidden states [B, T, d]; the LM head runs on the target tokens only."
     if 'labels' not in batch: raise ValueError("generation_loss: the batch has no labels (encode it with targets)")
-    inputs = _inputs(model, batch)
-    hidden = _last_hidden(model, inputs)
+    inputs = model_inputs(model, batch)
+    hidden = last_hidden_states(model, inputs)
     labels = batch['labels'].to(hidden.device)[:, 1:]  # position t predicts token t + 1
     scored = labels != -100
     if not bool(scored.any()): raise ValueError("generation_loss: no target token in the batch (all targets empty?)")
@@ -729,7 +736,7 @@ def wait_for_everyone():
     if process_layout()[1] > 1: _state().wait_for_everyone()
 
 
-def _all_gather_rows(t: Tensor) -> list[Tensor]:
+def all_gather_rows(t: Tensor) -> list[Tensor]:
     "Every process's `t` (same dtype and trailing shape, any number of rows), in process order, on the CPU."
     world, dev = process_layout()[1], _collective_device()
     n = torch.tensor([t.shape[0]], device=dev)
@@ -746,7 +753,7 @@ def _all_gather_rows(t: Tensor) -> list[Tensor]:
 def _all_gather_json(obj) -> list:
     "Every process's JSON-able `obj`, in process order (sent as UTF-8 bytes, never pickled)."
     data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-    return [json.loads(bytes(p.tolist()).decode()) for p in _all_gather_rows(data)]
+    return [json.loads(bytes(p.tolist()).decode()) for p in all_gather_rows(data)]
 
 # %% ../nbs/02_mllm.ipynb #61435e69
 class _ItemChunks(torch.utils.data.Dataset):
@@ -833,8 +840,8 @@ def item_features(model, processor, items, config: MLLMConfig | None = None, bat
                 chunk_iter = iter(loader)  # workers fork here; a forked tokenizer must not use threads
             for n_chunks in per_batch:
                 parts = [next(chunk_iter) for _ in range(n_chunks)]
-                batch = merge_batches([_inputs(model, b, non_blocking=cuda) for _, b, _ in parts], pad_id)
-                h = _pool_masked(_last_hidden(model, batch), batch['attention_mask'].bool(), config.readout)
+                batch = merge_batches([model_inputs(model, b, non_blocking=cuda) for _, b, _ in parts], pad_id)
+                h = _pool_masked(last_hidden_states(model, batch), batch['attention_mask'].bool(), config.readout)
                 idx = [i for part, _, _ in parts for i in part]
                 at = torch.tensor(idx) if world == 1 else slice(filled, filled + len(idx))
                 pending.append((at, h.float().to('cpu', non_blocking=cuda)))
@@ -849,14 +856,14 @@ def item_features(model, processor, items, config: MLLMConfig | None = None, bat
     out = buf
     if world > 1:  # every process gets every shard: item positions, report tallies and features
         mine = [list(map(list, tallies[i])) for i in index]
-        index_parts = _all_gather_rows(torch.tensor(index, dtype=torch.long))
+        index_parts = all_gather_rows(torch.tensor(index, dtype=torch.long))
         index = torch.cat(index_parts).tolist()
         tallies = dict(zip(index, [t for part in _all_gather_json(mine) for t in part]))
         if sorted(index) != list(range(len(rows))):
             raise RuntimeError(f"item_features: the {world} shards cover {len(set(index))} of {len(rows)} items "
                                f"({len(index)} rows): did every process pass the same items and batch_size?")
         out = torch.empty(len(rows), d)
-        for part, at in zip(_all_gather_rows(buf), index_parts): out[at] = part
+        for part, at in zip(all_gather_rows(buf), index_parts): out[at] = part
     for i in range(len(rows)):
         for t in tallies[i]: _tally(report, *t)
     return out

@@ -136,7 +136,7 @@ def _as_features(features, n_items: int) -> Tensor:
     if f.ndim != 2: raise ValueError(f"features must be 2-D [n_items, d], got shape {tuple(f.shape)}")
     if f.shape[0] != n_items:
         raise ValueError(f"features have {f.shape[0]} rows but the catalogue has {n_items} items (n_items); "
-                         f"rows must follow the item index 1..{n_items} (see tpad.stage2.align_features)")
+                         f"rows must follow the item index 1..{n_items} (see tpad.preprocess.rows_in_index_order)")
     f = f.float()
     bad = ~torch.isfinite(f).all(1)
     if bad.any():

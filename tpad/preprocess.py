@@ -20,7 +20,7 @@ from .data import DataFormatError, Report, SessionData, check_items
 # %% auto #0
 __all__ = ['DAY', 'SPLITS', 'SPLIT_NAMES', 'PREPROCESS_PRESETS', 'UNITS', 'PLACEHOLDER_RGB', 'PreprocessConfig',
            'preprocess_config', 'Samples', 'prefix_samples', 'report_table', 'Prepared', 'preprocess', 'check_prepared',
-           'PrefixDataset', 'collate_prefixes', 'prefix_loader', 'load_image', 'ItemImages']
+           'PrefixDataset', 'collate_prefixes', 'prefix_loader', 'load_image', 'ItemImages', 'rows_in_index_order']
 
 # %% ../nbs/00b_preprocess.ipynb #ba009c36
 DAY = 86400.0
@@ -614,3 +614,12 @@ class ItemImages:
             self.report.add('load item images [items]', n, n, changed=bad, note=note)
             self._row = self.report.steps[-1]
         else: self._row.update(n_in=n, n_out=n, changed=bad, note=note)
+
+# %% ../nbs/00b_preprocess.ipynb #562bad3a
+def rows_in_index_order(features: Tensor, items: pd.DataFrame, prepared: Prepared) -> Tensor:
+    "[n_items, d]: the item-table rows of `features` in `prepared`'s index order (row i-1 = item index i)."
+    pos = pd.Index(items['item_id'].astype(str)).get_indexer([str(i) for i in prepared.item_ids[1:]])
+    if (pos < 0).any(): raise KeyError(f'{int((pos < 0).sum())} prepared item(s) are not in the item table')
+    if len(features) != len(items): raise ValueError(f'{len(features)} feature rows for {len(items)} items')
+    return features[torch.tensor(pos, dtype=torch.long)]
+

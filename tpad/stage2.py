@@ -18,16 +18,15 @@ from torch import Tensor
 
 from .data import Report, SessionData
 from .mi import InfoNCE
-from .mllm import (MLLMConfig, add_adapters, corpus_texts, encode, generation_loss, item_prompt, load_mllm, pool,
+from .mllm import (MLLMConfig, add_adapters, corpus_texts, encode, generation_loss, hidden_size, item_prompt, load_mllm, pool,
                        readout, session_prompt, use_adapter)
-from .preprocess import Prepared, Samples, preprocess
+from .preprocess import Prepared, Samples, preprocess, rows_in_index_order
 from .stage1 import cached_item_features, tiny_stage1_config
 from .train import TrainConfig, TrainResult, train
 
 # %% auto #0
 __all__ = ['Stage2Config', 'tiny_stage2_config', 'item_rows', 'TransitionData', 'TransferLoss', 'train_transfer',
-           'transfer_features', 'session_features', 'align_features', 'similarity_scores', 'complement_gap',
-           'Stage2Result', 'stage2']
+           'transfer_features', 'session_features', 'similarity_scores', 'complement_gap', 'Stage2Result', 'stage2']
 
 # %% ../nbs/05_stage2_transfer.ipynb #7f408dd6
 @dataclass
@@ -180,20 +179,7 @@ def session_features(model, processor, samples: Samples, prepared: Prepared, ite
                            for i in range(s, min(s + batch_size, len(samples)))]
                 out.append(readout(model, encode(processor, prompts), config.session_readout).float().cpu())
     finally: model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, _feature_dim(model))
-
-
-def _feature_dim(model) -> int:
-    base = model.get_base_model() if hasattr(model, 'get_base_model') else model
-    return base.config.get_text_config().hidden_size
-
-
-def align_features(features: Tensor, items: pd.DataFrame, prepared: Prepared) -> Tensor:
-    "[n_items, d]: the item-table rows of `features` in `prepared`'s index order (row i-1 = item index i)."
-    pos = pd.Index(items['item_id'].astype(str)).get_indexer([str(i) for i in prepared.item_ids[1:]])
-    if (pos < 0).any(): raise KeyError(f'{int((pos < 0).sum())} prepared item(s) are not in the item table')
-    if len(features) != len(items): raise ValueError(f'{len(features)} feature rows for {len(items)} items')
-    return features[torch.tensor(pos, dtype=torch.long)]
+    return torch.cat(out) if out else torch.zeros(0, hidden_size(model))
 
 
 def similarity_scores(z: Tensor, features: Tensor) -> Tensor:
