@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
-import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+# torch and safetensors load inside the functions that need them: `tpad data stats` starts without torch
 
 # %% auto #0
 __all__ = ['STAGE_SEAL', 'STAGE_TENSORS', 'MODELS', 'FITTED_ON_THE_FLY', 'umask', 'atomic_write', 'write_json', 'write_csv',
@@ -110,6 +108,7 @@ def seal_of(path, seal=None) -> Path:
 
 def save_sealed(path, tensors: dict, info: dict, seal=None, metadata: dict | None = None) -> Path:
     "Write `tensors` to `path` (safetensors) and then `info` to its JSON seal; the seal is removed first."
+    from safetensors.torch import save_file
     path, seal = Path(path), seal_of(path, seal)
     seal.unlink(missing_ok=True)  # no seal while the tensors change
     cpu = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in tensors.items()}
@@ -120,6 +119,7 @@ def save_sealed(path, tensors: dict, info: dict, seal=None, metadata: dict | Non
 
 def load_sealed(path, key=None, seal=None) -> tuple[dict, dict] | None:
     "(tensors, seal) of the sealed pair at `path`; None if either file is missing or, given `key`, the seal's key differs."
+    from safetensors.torch import load_file
     path, seal = Path(path), seal_of(path, seal)
     if not (path.is_file() and seal.is_file()): return None
     info = json.loads(seal.read_text())
@@ -127,14 +127,14 @@ def load_sealed(path, key=None, seal=None) -> tuple[dict, dict] | None:
     return load_file(str(path)), info
 
 # %% ../nbs/00_artifacts.ipynb #28a1894c
-def save_features(path, features: Tensor, key: dict, item_ids) -> Path:
-    "Write `features` and their seal (key, item ids, shape) as a sealed pair at `path`."
+def save_features(path, features, key: dict, item_ids) -> Path:
+    "Write the tensor `features` and their seal (key, item ids, shape) as a sealed pair at `path`."
     info = dict(key=key, item_ids=[str(i) for i in item_ids], shape=list(features.shape),
                 written=time.strftime('%Y-%m-%dT%H:%M:%S'))
     return save_sealed(path, {'features': features}, info)
 
 
-def load_features(path, key: dict) -> Tensor | None:
+def load_features(path, key: dict):
     "The cached features at `path` if their seal's key equals `key`, else None."
     hit = load_sealed(path, key)
     return None if hit is None else hit[0]['features']
@@ -156,6 +156,7 @@ def model_folder(run_dir, key: str, seed: int = 0) -> Path:
 
 def stage_tensors(run_dir, name: str, seed: int = 0) -> dict:
     "The sealed outputs of stage `name` (pipeline seed `seed`) of a `tpad run` folder; a missing or unsealed stage raises."
+    from safetensors.torch import load_file
     folder = stage_folder(run_dir, name, seed)
     data, seal = folder / STAGE_TENSORS, folder / STAGE_SEAL
     if not data.is_file(): raise FileNotFoundError(f'{data}: no such file; {run_dir} is not a `tpad run` folder whose stage {name!r} ran')
@@ -184,6 +185,7 @@ def feature_stage(features: str) -> str:
 @contextlib.contextmanager
 def isolated_rng(seed: int):
     "Seed torch's global CPU generator inside the block; the caller's generator state is restored after it."
+    import torch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield

@@ -13,7 +13,8 @@ __all__ = ['parser', 'main']
 
 # %% ../nbs/09a_cli.ipynb #f7bede45
 def _stats(args):
-    from tpad.data import load
+    "`tpad data stats`: a dataset's statistics table, and with `--report` its load report."
+    from tpad.data import load  # imported per command, not at the top: `tpad --help` must not load the data stack
     data = load(args.dataset, args.path or None)
     print(data.stats().to_string(index=False))
     if args.report: print('\n' + data.report.to_frame().to_string(index=False))
@@ -21,7 +22,7 @@ def _stats(args):
 
 def _run(args):
     "`tpad run`: a bad config or a missing data path ends with one clear line before any work starts."
-    from tpad.experiment import RunConfigError, check_run, config_from_args, run
+    from tpad.experiment import RunConfigError, check_run, config_from_args, run  # torch loads only for `tpad run`
     try: config = check_run(config_from_args(args))
     except (ValueError, TypeError, OSError) as e: sys.exit(f'tpad run: {e}')
     try: run(config)
@@ -34,7 +35,7 @@ def parser(run_options: bool = True) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest='command', required=True)
     run_p = sub.add_parser('run', help='run an experiment end to end (default preset: toyshop-tiny; --dataset alone: generic)')
     if run_options:
-        from tpad.experiment import config_arguments
+        from tpad.experiment import config_arguments  # torch loads only for `tpad run`
         config_arguments(run_p)
     run_p.set_defaults(func=_run)
     data_p = sub.add_parser('data', help='dataset tools')

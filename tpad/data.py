@@ -100,6 +100,7 @@ def read_table(path, sep: str = ',', required=(), names=None, report: Report | N
 
 # %% ../nbs/00_data.ipynb #8af1720b
 def _bad_value(values: pd.Series, bad: np.ndarray, path, column: str, what: str, header: bool = True):
+    "Raise naming the file line of the first bad value of `column` and how many there are."
     i = int(np.flatnonzero(bad)[0])
     line = values.index[i] + (2 if header else 1)
     raise DataFormatError(f"{path}, line {line}: column {column!r} is not {what}: {values.iloc[i]!r} "
@@ -134,6 +135,7 @@ INTERACTION_COLUMNS = ['session_id', 'item_id', 'timestamp']
 
 
 def _as_text(s: pd.Series) -> pd.Series:
+    "`s` as strings, missing values as ''."
     return s.fillna('').astype(str)
 
 
@@ -336,6 +338,7 @@ def load_diginetica(path, on_unknown: str = 'error', name: str = 'diginetica') -
 
 # %% ../nbs/00_data.ipynb #bb1c7e16
 def _load_yoochoose_raw(file: Path, rep: Report) -> pd.DataFrame:
+    "The clicks of a raw `yoochoose-clicks.dat` file (no header; ISO times)."
     clicks = read_table(file, names=['session_id', 'time', 'item_id', 'category'], report=rep)
     clicks['timestamp'] = to_seconds(clicks['time'], file, 'Timestamp', header=False)
     return clicks[['session_id', 'item_id', 'timestamp', 'category']]
@@ -345,6 +348,7 @@ _YOOCHOOSE_SPLITS = {'train_full': 'train', 'train_tr': 'train', 'train_valid': 
 
 
 def _load_yoochoose_prepared(files: list[Path], rep: Report) -> pd.DataFrame:
+    "The clicks of session-rec's prepared tab-separated files, each file's part as the `split` column."
     parts = []
     for f in files:
         t = read_table(f, sep='\t', required=['SessionId', 'ItemId', 'Time'], report=rep)
@@ -384,8 +388,7 @@ def load_yoochoose(path, files=None, name: str = 'yoochoose') -> SessionData:
 
 # %% ../nbs/00_data.ipynb #0623f640
 def shared_data_dir() -> Path | None:
-    "The `shared/data` folder with the real samples beside the project, if present."
-    import os
+    "The folder of the real data samples, when present (`TPAD_SHARED_DATA` names it), else None."
     env = os.environ.get('TPAD_SHARED_DATA')
     candidates = [Path(env)] if env else []
     here = Path(__file__).resolve() if '__file__' in globals() else Path.cwd().resolve()

@@ -114,16 +114,19 @@ def detect_amazon_version(review_keys, meta_keys=()) -> str | None:
         raise DataFormatError(f"the reviews look like the {by_reviews} dump but the metadata like the {by_meta} dump")
     return by_reviews or by_meta
 
-# %% ../nbs/00c_formats.ipynb #ee152507
+# %% ../nbs/00c_formats.ipynb #3045349c
 def _str(v) -> str:
+    "A value as stripped text; None and NaN become ''."
     return '' if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip()
 
 
 def _list(v) -> list:
+    "A value as a list: None is empty, a scalar a list of one."
     return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 def _join(*parts) -> str:
+    "The non-empty texts of every part (each a value or a list), joined by spaces."
     return ' '.join(s for s in (_str(x) for p in parts for x in _list(p)) if s)
 
 
@@ -138,17 +141,21 @@ def _price(v) -> float:
 
 
 def _main_cat(v) -> str:
+    "A 2018 `main_cat`: the text, or the `alt` of an image tag."
     s = _str(v)  # the 2018 dumps write some main categories as an <img ... alt="AMAZON FASHION"/> tag
     m = re.search(r'alt="([^"]*)"', s) if s.startswith('<') else None
     return m.group(1) if m else s
 
 
 def _last(path) -> str:
+    "The last non-empty entry of a category path, or ''."
     path = [_str(c) for c in _list(path) if _str(c)]
     return path[-1] if path else ''
 
 
+# %% ../nbs/00c_formats.ipynb #7f87a9e5
 def _item_2014(r: dict) -> dict:
+    "An item row from a 2014 metadata record."
     paths = [p for p in _list(r.get('categories')) if _list(p)]
     return dict(item_id=_str(r['asin']), title=_str(r.get('title')), text=_join(r.get('description')),
                 category=_last(paths[0]) if paths else '', brand=_str(r.get('brand')), price=_price(r.get('price')),
@@ -156,6 +163,7 @@ def _item_2014(r: dict) -> dict:
 
 
 def _item_2018(r: dict) -> dict:
+    "An item row from a 2018 metadata record."
     urls = _list(r.get('imageURLHighRes')) or _list(r.get('imageURL'))
     return dict(item_id=_str(r['asin']), title=_str(r.get('title')),
                 text=_join(r.get('description'), r.get('feature')),
@@ -164,6 +172,7 @@ def _item_2018(r: dict) -> dict:
 
 
 def _item_2023(r: dict) -> dict:
+    "An item row from a 2023 metadata record."
     images = [i for i in _list(r.get('images')) if isinstance(i, dict)]
     first = images[0] if images else {}
     details = r.get('details') if isinstance(r.get('details'), dict) else {}
@@ -181,21 +190,25 @@ _AMAZON = {  # user, item, time field and its unit, rating, item id in the metad
     '2023': dict(user='user_id', item='parent_asin', time='timestamp', unit='ms', rating='rating', meta_id='parent_asin', item_row=_item_2023),
 }
 
+
 # %% ../nbs/00c_formats.ipynb #14ebeae0
 _JSON_SUFFIXES = ('.jsonl.gz', '.json.gz', '.jsonl', '.json')
 
 
 def _json_stem(p: Path) -> str | None:
+    "The file name without its JSON(-lines) suffix (`.json`, `.jsonl.gz`, ...), or None for another file."
     return next((p.name[:-len(s)] for s in _JSON_SUFFIXES if p.name.endswith(s)), None)
 
 
 def _amazon_category(p: Path) -> str:
+    "The category a dump file is named after (`reviews_Beauty_5.json.gz` -> `Beauty`)."
     s = _json_stem(p) or p.stem
     s = s[len('meta_'):] if s.startswith('meta_') else s[len('reviews_'):] if s.startswith('reviews_') else s
     return s[:-2] if s.endswith('_5') else s
 
 
 def _amazon_files(path: Path, reviews_file=None, meta_file=None, category=None) -> tuple[Path, Path]:
+    "The reviews file and the metadata file for `path` (a folder or a reviews file)."
     folder = path.parent if path.is_file() else path
     if not folder.is_dir(): raise FileNotFoundError(f"{path}: no such file or folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and _json_stem(p) is not None)
@@ -216,13 +229,15 @@ def _amazon_files(path: Path, reviews_file=None, meta_file=None, category=None) 
                                 f"{reviews.name} (found {[p.name for p in metas]}); pass meta_file=")
     return reviews, same[0]
 
-# %% ../nbs/00c_formats.ipynb #42e0fb6a
+# %% ../nbs/00c_formats.ipynb #fda717de
 def _require(records: list[dict], numbers: list[int], keys, path):
+    "Raise naming the first line whose record lacks one of `keys` (or has it as null)."
     for rec, line in zip(records, numbers):
         missing = [k for k in keys if rec.get(k) is None]
         if missing: raise DataFormatError(f"{path}, line {line}: missing field(s) {missing}")
 
 
+# %% ../nbs/00c_formats.ipynb #2fdff964
 @loader('amazon')
 def load_amazon(path, version: str | None = None, session_gap: float | None = None, images=None,
                 reviews_file=None, meta_file=None, category: str | None = None, on_unknown: str = 'error',
@@ -278,7 +293,8 @@ def load_amazon2023(path, **options) -> SessionData:
     "The 2023 Amazon reviews dump (`load_amazon` with `version='2023'`)."
     return load_amazon(path, version='2023', **options)
 
-# %% ../nbs/00c_formats.ipynb #261f84cd
+
+# %% ../nbs/00c_formats.ipynb #1bb9f9c6
 def _read_frame(path: Path, report: Report, required=()) -> pd.DataFrame:
     "A CSV (via read_table) or parquet file with every column as strings (missing values as '')."
     if path.suffix != '.parquet': return read_table(path, required=required, report=report)
@@ -292,6 +308,7 @@ def _read_frame(path: Path, report: Report, required=()) -> pd.DataFrame:
 
 
 def _article_ids(ids: pd.Series, path: Path, parquet: bool) -> pd.Series:
+    "Article ids as 10-digit strings (zero-padded); one that is not a number raises naming its row or line."
     ids = ids.str.strip()
     bad = ~ids.str.fullmatch(r'\d{1,10}')
     if bad.any():
@@ -314,6 +331,7 @@ def hm_text(articles: pd.DataFrame) -> pd.Series:
     return out
 
 
+# %% ../nbs/00c_formats.ipynb #0ba0ae61
 @loader('hm')
 def load_hm(path, session_gap: float | None = None, images=None, articles_file=None, transactions_file=None,
             on_unknown: str = 'error', name: str = 'hm') -> SessionData:
@@ -342,7 +360,8 @@ def load_hm(path, session_gap: float | None = None, images=None, articles_file=N
     ev = user_sessions(ev, session_gap, report=rep)
     return SessionData(items, ev, name=name, report=rep)
 
-# %% ../nbs/00c_formats.ipynb #1ab57d36
+
+# %% ../nbs/00c_formats.ipynb #b71ba828
 RECBOLE_TYPES = ('token', 'token_seq', 'float', 'float_seq')
 _RECBOLE_ITEM_FIELDS = {'movie_title': 'title', 'name': 'title', 'description': 'text', 'categories': 'category',
                         'genre': 'category', 'image_path': 'image'}
@@ -363,7 +382,9 @@ def read_atomic(path, report: Report | None = None) -> tuple[pd.DataFrame, dict]
     return df, types
 
 
+# %% ../nbs/00c_formats.ipynb #a7cd704e
 def _atomic_file(path: Path, suffix: str, dataset: str | None) -> Path | None:
+    "The `suffix` file of dataset `dataset` next to `path` (a file) or in folder `path`, or None when there is none."
     if path.is_file(): return path.with_suffix(suffix)
     if dataset is not None: return path / f'{dataset}{suffix}'
     hits = sorted(path.glob(f'*{suffix}'))
@@ -402,6 +423,7 @@ def _read_inter(path: Path, dataset: str | None, rep: Report) -> tuple[pd.DataFr
     return read_atomic(inter_path, rep)[0], inter_path, inter_path.stem
 
 
+# %% ../nbs/00c_formats.ipynb #692d1d5f
 @loader('recbole')
 def load_recbole(path, dataset: str | None = None, session_gap: float | None = None, on_unknown: str = 'error',
                  name: str | None = None) -> SessionData:
@@ -428,6 +450,7 @@ def load_recbole(path, dataset: str | None = None, session_gap: float | None = N
     if key == 'user_id': inter = user_sessions(inter, session_gap, report=rep)
     return SessionData(items, inter.reset_index(drop=True), name=name or stem, report=rep)
 
+
 # %% ../nbs/00c_formats.ipynb #6c1c9d49
 @dataclass
 class RecboleFiles:
@@ -444,6 +467,7 @@ _BREAKS = re.compile(r'[\t\n\r]')
 
 
 def _write_tsv(df: pd.DataFrame, header: list[str], dest: Path):
+    "Write `df` tab-separated under `header`, atomically."
     atomic_write(lambda p: df.to_csv(p, sep='\t', header=header, index=False, lineterminator='\n', na_rep='',
                                      encoding='utf-8'), dest)
 

@@ -15,7 +15,7 @@ from torch import Tensor
 __all__ = ['METRICS', 'target_ranks', 'hit_at_k', 'mrr_at_k', 'ndcg_at_k', 'metrics_from_ranks', 'evaluate', 'StreamingEvaluator',
            'streaming_target_ranks', 'evaluate_streaming']
 
-# %% ../nbs/01_metrics.ipynb #de9cc827
+# %% ../nbs/01_metrics.ipynb #b3f74bee
 _MAX_CHUNK = 2 ** 24  # a block's per-row counts are summed in float32, exact up to 2**24 columns
 _BLOCK = 2 ** 22  # entries per block in `target_ranks`: a 16 MB float32 buffer
 
@@ -29,6 +29,7 @@ def _as_tensor(x, name: str) -> Tensor:
 
 
 def _as_scores(scores) -> Tensor:
+    "`scores` as a 2-D tensor [n_samples, n_items] with at least one item."
     s = _as_tensor(scores, 'scores')
     if s.ndim != 2: raise ValueError(f"scores must be 2-D [n_samples, n_items], got shape {tuple(s.shape)}")
     if s.shape[1] == 0: raise ValueError("scores has no items (0 columns)")
@@ -36,6 +37,7 @@ def _as_scores(scores) -> Tensor:
 
 
 def _as_targets(targets, n: int, n_items: int, device) -> Tensor:
+    "`targets` as `n` long item indices on `device`, each in 0..n_items-1."
     t = _as_tensor(targets, 'targets')
     if t.is_floating_point(): raise TypeError(f"targets must be integer item indices, not {t.dtype}")
     if t.ndim != 1 or len(t) != n:
@@ -48,6 +50,7 @@ def _as_targets(targets, n: int, n_items: int, device) -> Tensor:
     return t.to(device=device, dtype=torch.long)
 
 
+# %% ../nbs/01_metrics.ipynb #7223fbb0
 def _as_exclude(exclude, n_items: int, targets: Tensor) -> Tensor | None:
     "Sorted unique excluded item indices, or None; a target that is excluded is an error."
     if exclude is None: return None
@@ -66,6 +69,7 @@ def _as_exclude(exclude, n_items: int, targets: Tensor) -> Tensor | None:
 
 
 def _as_ks(ks) -> tuple[int, ...]:
+    "One K or several as a tuple of distinct positive ints."
     ks = (ks,) if isinstance(ks, (int, np.integer)) else tuple(ks)
     if not ks: raise ValueError("ks is empty")
     if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
@@ -82,6 +86,7 @@ def _check_nan(block: Tensor, row0: int, col0: int):
         i, j = (int(v) for v in nan[0])
         raise ValueError(f"scores are NaN for sample {row0 + i}, item {col0 + j} ({len(nan)} NaN value(s) in this "
                          f"block); NaN cannot be ranked: fix the model output, or give unwanted items -inf")
+
 
 # %% ../nbs/01_metrics.ipynb #3fd19b4a
 def _count_at_least(block: Tensor, ts: Tensor, tb: Tensor, col0: int, excl: Tensor | None, out: Tensor) -> Tensor:
@@ -144,6 +149,7 @@ def _rank_histogram(ranks: Tensor, max_k: int) -> Tensor:
 
 
 def _metrics_from_histogram(counts: Tensor, ks: tuple[int, ...]) -> dict:
+    "HR, MRR and NDCG at every K from a rank histogram (`counts[r - 1]`: samples of rank r; the last entry: ranks beyond max K)."
     n = int(counts.sum())
     if n == 0: raise ValueError("no samples to evaluate")
     c = counts.double()

@@ -13,6 +13,7 @@ from functools import partial
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 from PIL import Image, ImageOps
 
 from .data import DataFormatError, Report, SessionData, check_items
@@ -206,43 +207,90 @@ class Prepared:
         n = {s: len(v) for s, v in self.samples.items()}
         return f"Prepared({self.name!r}: {self.n_items} items, samples {n}, cold {({s: len(v) for s, v in self.cold.items()})})"
 
-# %% ../nbs/00b_preprocess.ipynb #b2319c6f
+# %% ../nbs/00b_preprocess.ipynb #f80316a1
+def _known_clicks(data: SessionData, cfg: PreprocessConfig, given: np.ndarray | None, rep: Report):
+    "Step 1: the clicks on items the item table knows (logged), their given split codes and their times; a missing time raises."
+    inter = data.interactions
+    kept = check_items(inter, data.items, f'{data.name} interactions', cfg.on_unknown)
+    _log(rep, 'keep clicks on known items', note=f'on_unknown={cfg.on_unknown!r}',
+         sessions=(inter['session_id'].nunique(), kept['session_id'].nunique()), clicks=(len(inter), len(kept)),
+         items=(inter['item_id'].nunique(), kept['item_id'].nunique()))
+    if given is not None: given = given[inter.index.get_indexer(kept.index)]
+    kept = kept.reset_index(drop=True)
+    ts = kept['timestamp'].to_numpy(dtype='float64')
+    if np.isnan(ts).any():
+        i = int(np.flatnonzero(np.isnan(ts))[0])
+        raise DataFormatError(f"{data.name}: timestamp is missing for session {kept['session_id'].iat[i]!r}, "
+                              f"item {kept['item_id'].iat[i]!r} ({int(np.isnan(ts).sum())} missing)")
+    return kept, given, ts
+
+
+def _time_order(sess: np.ndarray, ts: np.ndarray, n_sessions: int, rep: Report) -> np.ndarray:
+    "Step 2: the click order with sessions by start time and clicks by time inside each (ties keep the file order), logged."
+    start = np.full(n_sessions, np.inf)
+    np.minimum.at(start, sess, ts)
+    moved = int((np.argsort(sess, kind='stable') != np.lexsort((ts, sess))).sum())
+    order = np.lexsort((ts, sess, start[sess]))
+    _log(rep, 'sort clicks by time', note=f'{moved} click(s) moved inside their session; ties keep the file order',
+         changed=dict(clicks=moved), sessions=(n_sessions,) * 2, clicks=(len(sess),) * 2)
+    return order
+
+
+# %% ../nbs/00b_preprocess.ipynb #5bbb8e2a
 def _distinct(codes: np.ndarray, keep: np.ndarray, size: int) -> int:
+    "How many distinct codes the kept rows hold."
     return int(np.count_nonzero(np.bincount(codes[keep], minlength=size)))
+
+
+def _filter_step(label: str, what: str, sess, item, keep, cfg: PreprocessConfig, rep: Report) -> tuple[np.ndarray, int]:
+    "One filter step on `what` ('sessions': too short, 'items': too rare), logged: the new mask and the clicks it dropped."
+    n_sess, n_item = int(sess.max()) + 1, int(item.max()) + 1
+    counts = lambda k: dict(sessions=_distinct(sess, k, n_sess), clicks=int(k.sum()), items=_distinct(item, k, n_item))
+    before = counts(keep)
+    if what == 'sessions':
+        lengths = np.bincount(sess[keep], minlength=n_sess)
+        drop = keep & (lengths[sess] < cfg.min_session_length)
+        name, note = f'{label}: drop sessions with < {cfg.min_session_length} clicks', 'sessions dropped: {}'
+        if cfg.split == 'leave_one_out': note = 'users (one session each) with fewer than {min} items dropped: {{}}'.format(min=cfg.min_session_length)
+    else:
+        support = np.bincount(item[keep], minlength=n_item)
+        drop = keep & (support[item] < cfg.min_item_support)
+        name, note = f'{label}: drop items with < {cfg.min_item_support} clicks', 'items dropped: {}'
+    keep = keep & ~drop
+    after = counts(keep)
+    _log(rep, name, note=note.format(before[what] - after[what]), **{u: (before[u], after[u]) for u in before})
+    return keep, int(drop.sum())
 
 
 def _filter(sess, item, keep, cfg: PreprocessConfig, rep: Report) -> np.ndarray:
     "Drop short sessions and rare items (masks over the clicks), iteratively or in one pass, logging every step."
-    n_sess, n_item = int(sess.max()) + 1, int(item.max()) + 1
-    counts = lambda k: dict(sessions=_distinct(sess, k, n_sess), clicks=int(k.sum()), items=_distinct(item, k, n_item))
-
-    def step(label, what):
-        nonlocal keep
-        before = counts(keep)
-        if what == 'sessions':
-            lengths = np.bincount(sess[keep], minlength=n_sess)
-            drop = keep & (lengths[sess] < cfg.min_session_length)
-            name, note = f'{label}: drop sessions with < {cfg.min_session_length} clicks', 'sessions dropped: {}'
-            if cfg.split == 'leave_one_out': note = 'users (one session each) with fewer than {min} items dropped: {{}}'.format(min=cfg.min_session_length)
-        else:
-            support = np.bincount(item[keep], minlength=n_item)
-            drop = keep & (support[item] < cfg.min_item_support)
-            name, note = f'{label}: drop items with < {cfg.min_item_support} clicks', 'items dropped: {}'
-        keep = keep & ~drop
-        after = counts(keep)
-        _log(rep, name, note=note.format(before[what] - after[what]), **{u: (before[u], after[u]) for u in before})
-        return int(drop.sum())
-
+    step = partial(_filter_step, sess=sess, item=item, cfg=cfg, rep=rep)
     if not cfg.iterative:
-        step('once', 'sessions'); step('once', 'items'); step('once, again', 'sessions')
+        for label, what in (('once', 'sessions'), ('once', 'items'), ('once, again', 'sessions')):
+            keep, _ = step(label, what, keep=keep)
         return keep
     rnd = 0
     while True:
         rnd += 1
-        step(f'round {rnd}', 'sessions')
-        if step(f'round {rnd}', 'items') == 0: return keep  # nothing rare left: lengths are unchanged too
+        keep, _ = step(f'round {rnd}', 'sessions', keep=keep)
+        keep, dropped = step(f'round {rnd}', 'items', keep=keep)
+        if dropped == 0: return keep  # nothing rare left: lengths are unchanged too
 
-# %% ../nbs/00b_preprocess.ipynb #127b1694
+
+def _filtered_rows(sess, item, order: np.ndarray, cfg: PreprocessConfig, rep: Report, name: str) -> np.ndarray:
+    "Step 3: the clicks that survive the filters, in `order`; raises naming every filter step if none survive."
+    keep = _filter(sess, item, np.ones(len(sess), dtype=bool), cfg, rep)
+    rows = order[keep[order]]  # surviving clicks, grouped by session, time-ordered
+    if not len(rows):
+        steps = [s for s in rep.steps if ': drop ' in s['step'] and s['step'].endswith('[clicks]') and s['removed']]
+        raise DataFormatError(f"{name}: no clicks survive the filters (min_session_length="
+                              f"{cfg.min_session_length}, min_item_support={cfg.min_item_support}): " +
+                              '; '.join(f"{s['step'][:-len(' [clicks]')]} removed {s['removed']} of {s['n_in']} clicks"
+                                        for s in steps))
+    return rows
+
+
+# %% ../nbs/00b_preprocess.ipynb #096300e0
 def _check_given(inter: pd.DataFrame, name: str) -> np.ndarray:
     "The `split` column as codes 0/1/2 (train/valid/test); a bad value raises naming its row, a session in two splits naming the session."
     if 'split' not in inter:
@@ -265,6 +313,7 @@ def _check_given(inter: pd.DataFrame, name: str) -> np.ndarray:
     return code
 
 
+# %% ../nbs/00b_preprocess.ipynb #77b0ece2
 def _split_sessions(cfg: PreprocessConfig, key: np.ndarray, t_max: float, given: np.ndarray | None, name: str) -> tuple[np.ndarray, list, dict]:
     "Per session 0/1/2 (train/valid/test) by `cfg.split` ('time': `key` against the last click `t_max`, or 'given'), one note per split, and the cut times."
     if cfg.split == 'given':
@@ -297,6 +346,7 @@ def _last_per_session(samples: Samples) -> Samples:
     return samples.subset(last)
 
 
+# %% ../nbs/00b_preprocess.ipynb #d9b5e511
 def _split_rows(cfg: PreprocessConfig, rows, sess, ts, given, name):
     "The surviving clicks reordered for the split, each click's split (0/1/2), one note per split, the cut times, the number of sessions."
     s_r, t_r = sess[rows], ts[rows]
@@ -319,6 +369,56 @@ def _split_rows(cfg: PreprocessConfig, rows, sess, ts, given, name):
     return rows, split_of[group], notes, cutoffs, n_sessions
 
 
+def _log_splits(rep: Report, sess: np.ndarray, rows: np.ndarray, split_click: np.ndarray, notes: list, n_sessions: int) -> None:
+    "One report row per split: the sessions and clicks it holds, with its rule as the note."
+    for k, s in enumerate(SPLIT_NAMES):
+        in_split = int(np.unique(sess[rows[split_click == k]]).size)
+        _log(rep, f'split: {s}', note=notes[k], sessions=(n_sessions, in_split),
+             clicks=(len(rows), int((split_click == k).sum())))
+
+
+# %% ../nbs/00b_preprocess.ipynb #6a7e9407
+def _index_items(item: np.ndarray, item_keys: np.ndarray, rows: np.ndarray, split_click: np.ndarray, items: pd.DataFrame, rep: Report):
+    "Step 5: each row's item index (1..n in order of first appearance in train, then valid, then test), the index -> id array and the catalogue in index order."
+    appear = rows[np.argsort(split_click, kind='stable')]
+    uniq = pd.unique(item[appear])
+    lookup = np.zeros(len(item_keys), dtype=np.int64)
+    lookup[uniq] = np.arange(1, len(uniq) + 1)
+    item_ids = np.empty(len(uniq) + 1, dtype=object)
+    item_ids[1:] = item_keys[uniq]
+    table = items.set_index('item_id').loc[item_ids[1:]].reset_index()
+    table.index = pd.RangeIndex(1, len(table) + 1, name='index')
+    _log(rep, 'catalogue: item table -> item index 1..n', note='items not clicked after the filters are left out',
+         items=(len(items), len(table)))
+    return lookup[item[rows]], item_ids, table
+
+
+def _split_samples(inter: pd.DataFrame, rows, split_click, index, ids, cfg: PreprocessConfig, rep: Report) -> tuple[dict, dict]:
+    "Step 6: per split, its clicks (with the `item` index column) and its prefix samples, logged."
+    frames, samples = {}, {}
+    for k, s in enumerate(SPLIT_NAMES):
+        m = split_click == k
+        frame = inter.iloc[rows[m]].reset_index(drop=True)
+        frame.insert(3, 'item', index[m])
+        frames[s] = frame
+        if cfg.split == 'leave_one_out' and k > 0 and m.any():  # the history up to this part's click: one sample per user
+            seen = split_click <= k
+            full = _last_per_session(prefix_samples(index[seen], ids[seen]))
+            smp = _last_per_session(prefix_samples(index[seen], ids[seen], cfg.max_session_length))
+            how = f'leave-one-out: one sample per user, its whole history before its {s} click'
+        else:
+            full = prefix_samples(index[m], ids[m])
+            smp = prefix_samples(index[m], ids[m], cfg.max_session_length)
+            how = 'every click but the first of each session is a target'
+        cut = int((smp.lengths < full.lengths).sum())
+        samples[s] = smp
+        _log(rep, f'prefix samples: {s}', changed=dict(samples=cut),
+             note=how + (f'; {cut} prefix(es) cut to the last {cfg.max_session_length} items' if cut else ''),
+             samples=(int(m.sum()), len(smp)))
+    return frames, samples
+
+
+# %% ../nbs/00b_preprocess.ipynb #d784d448
 def _cold_start(frames: dict, samples: dict, cfg: PreprocessConfig, n_ids: int, rep: Report):
     "Move valid/test samples whose target is never clicked in train to `cold`; the cold-start table and the train counts."
     train_counts = np.bincount(frames['train']['item'].to_numpy(), minlength=n_ids)
@@ -342,96 +442,27 @@ def _cold_start(frames: dict, samples: dict, cfg: PreprocessConfig, n_ids: int, 
     return cold, pd.DataFrame(report_rows), train_counts
 
 
-# %% ../nbs/00b_preprocess.ipynb #9406b8e8
+# %% ../nbs/00b_preprocess.ipynb #66898567
 def preprocess(data: SessionData, config: PreprocessConfig | str | None = None, **overrides) -> Prepared:
     "Filter, split (by time, as given, or leave-one-out), remap and cut `data` into prefix samples per `config` (a config, a preset name, or None)."
     cfg = preprocess_config(config, **overrides)
     rep = Report(steps=[dict(s) for s in data.report.steps])
-    inter = data.interactions
-    if not len(inter): raise DataFormatError(f"{data.name}: no interactions to preprocess")
-    given = _check_given(inter, data.name) if cfg.split == 'given' else None
-
-    # 1. clicks on items the item table knows
-    kept = check_items(inter, data.items, f'{data.name} interactions', cfg.on_unknown)
-    _log(rep, 'keep clicks on known items', note=f'on_unknown={cfg.on_unknown!r}',
-         sessions=(inter['session_id'].nunique(), kept['session_id'].nunique()), clicks=(len(inter), len(kept)),
-         items=(inter['item_id'].nunique(), kept['item_id'].nunique()))
-    if given is not None: given = given[inter.index.get_indexer(kept.index)]
-    inter = kept.reset_index(drop=True)
-    ts = inter['timestamp'].to_numpy(dtype='float64')
-    if np.isnan(ts).any():
-        i = int(np.flatnonzero(np.isnan(ts))[0])
-        raise DataFormatError(f"{data.name}: timestamp is missing for session {inter['session_id'].iat[i]!r}, "
-                              f"item {inter['item_id'].iat[i]!r} ({int(np.isnan(ts).sum())} missing)")
+    if not len(data.interactions): raise DataFormatError(f"{data.name}: no interactions to preprocess")
+    given = _check_given(data.interactions, data.name) if cfg.split == 'given' else None
+    inter, given, ts = _known_clicks(data, cfg, given, rep)
     sess, sess_ids = pd.factorize(inter['session_id'])
     item, item_keys = pd.factorize(inter['item_id'])
     sess_ids, item_keys = np.asarray(sess_ids, dtype=object), np.asarray(item_keys, dtype=object)
-
-    # 2. sort: sessions by start time, clicks by time inside each (lexsort is stable)
-    start = np.full(len(sess_ids), np.inf)
-    np.minimum.at(start, sess, ts)
-    moved = int((np.argsort(sess, kind='stable') != np.lexsort((ts, sess))).sum())
-    order = np.lexsort((ts, sess, start[sess]))
-    _log(rep, 'sort clicks by time', note=f'{moved} click(s) moved inside their session; ties keep the file order',
-         changed=dict(clicks=moved), sessions=(len(sess_ids),) * 2, clicks=(len(inter),) * 2)
-
-    # 3. frequency filters
-    keep = _filter(sess, item, np.ones(len(inter), dtype=bool), cfg, rep)
-    rows = order[keep[order]]  # surviving clicks, grouped by session, time-ordered
-    if not len(rows):
-        steps = [s for s in rep.steps if ': drop ' in s['step'] and s['step'].endswith('[clicks]') and s['removed']]
-        raise DataFormatError(f"{data.name}: no clicks survive the filters (min_session_length="
-                              f"{cfg.min_session_length}, min_item_support={cfg.min_item_support}): " +
-                              '; '.join(f"{s['step'][:-len(' [clicks]')]} removed {s['removed']} of {s['n_in']} clicks"
-                                        for s in steps))
-
-    # 4. split: whole sessions by time or as given, or each user's last clicks (leave-one-out)
+    order = _time_order(sess, ts, len(sess_ids), rep)
+    rows = _filtered_rows(sess, item, order, cfg, rep, data.name)
     rows, split_click, notes, cutoffs, n_sessions = _split_rows(cfg, rows, sess, ts, given, data.name)
-    for k, s in enumerate(SPLIT_NAMES):
-        in_split = int(np.unique(sess[rows[split_click == k]]).size)
-        _log(rep, f'split: {s}', note=notes[k], sessions=(n_sessions, in_split),
-             clicks=(len(rows), int((split_click == k).sum())))
-
-    # 5. item index 1..n in order of first appearance in train, then valid, then test
-    appear = rows[np.argsort(split_click, kind='stable')]
-    uniq = pd.unique(item[appear])
-    lookup = np.zeros(len(item_keys), dtype=np.int64)
-    lookup[uniq] = np.arange(1, len(uniq) + 1)
-    index = lookup[item[rows]]
-    item_ids = np.empty(len(uniq) + 1, dtype=object)
-    item_ids[1:] = item_keys[uniq]
-    item_index = {iid: i for i, iid in enumerate(item_ids[1:], start=1)}
-    table = data.items.set_index('item_id').loc[item_ids[1:]].reset_index()
-    table.index = pd.RangeIndex(1, len(table) + 1, name='index')
-    _log(rep, 'catalogue: item table -> item index 1..n', note='items not clicked after the filters are left out',
-         items=(len(data.items), len(table)))
-
-    # 6. prefix samples per split
-    frames, samples = {}, {}
-    ids = sess_ids[sess[rows]]
-    for k, s in enumerate(SPLIT_NAMES):
-        m = split_click == k
-        frame = inter.iloc[rows[m]].reset_index(drop=True)
-        frame.insert(3, 'item', index[m])
-        frames[s] = frame
-        if cfg.split == 'leave_one_out' and k > 0 and m.any():  # the history up to this part's click: one sample per user
-            seen = split_click <= k
-            full = _last_per_session(prefix_samples(index[seen], ids[seen]))
-            smp = _last_per_session(prefix_samples(index[seen], ids[seen], cfg.max_session_length))
-            how = f'leave-one-out: one sample per user, its whole history before its {s} click'
-        else:
-            full = prefix_samples(index[m], ids[m])
-            smp = prefix_samples(index[m], ids[m], cfg.max_session_length)
-            how = 'every click but the first of each session is a target'
-        cut = int((smp.lengths < full.lengths).sum())
-        samples[s] = smp
-        _log(rep, f'prefix samples: {s}', changed=dict(samples=cut),
-             note=how + (f'; {cut} prefix(es) cut to the last {cfg.max_session_length} items' if cut else ''),
-             samples=(int(m.sum()), len(smp)))
+    _log_splits(rep, sess, rows, split_click, notes, n_sessions)
+    index, item_ids, table = _index_items(item, item_keys, rows, split_click, data.items, rep)
+    frames, samples = _split_samples(inter, rows, split_click, index, sess_ids[sess[rows]], cfg, rep)
     cold, cold_report, train_counts = _cold_start(frames, samples, cfg, len(item_ids), rep)
     return Prepared(name=data.name, config=cfg, splits=frames, samples=samples, cold=cold, cold_report=cold_report,
-                    items=table, item_ids=item_ids, item_index=item_index, train_counts=train_counts,
-                    cutoffs=cutoffs, report=rep)
+                    items=table, item_ids=item_ids, item_index={iid: i for i, iid in enumerate(item_ids[1:], start=1)},
+                    train_counts=train_counts, cutoffs=cutoffs, report=rep)
 
 
 # %% ../nbs/00b_preprocess.ipynb #580ed18b
@@ -538,6 +569,7 @@ def _grey8(im: Image.Image) -> Image.Image:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
+    "`im` as RGB: 16-bit grey scaled to 8 bits, transparency laid on white."
     if im.mode.startswith('I'): im = _grey8(im)
     if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
         im = im.convert('RGBA')

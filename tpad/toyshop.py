@@ -93,6 +93,7 @@ def transition_matrix(config: ToyshopConfig) -> pd.DataFrame:
 
 # %% ../nbs/00a_toyshop.ipynb #3130ff91
 def _price(base: float, brand_index: int, rng: np.random.Generator) -> str:
+    "A shelf price like '24.99' near `base`, scaled by the brand, with some noise."
     p = base * (0.8 + 0.1 * brand_index) * np.exp(rng.normal(0, 0.15))
     return f'{max(round(p), 5) - 0.01:.2f}'
 
@@ -133,7 +134,7 @@ def make_items(config: ToyshopConfig, rng: np.random.Generator) -> pd.DataFrame:
     items.insert(4, 'image', 'images/' + items.item_id + '.png')
     return items
 
-# %% ../nbs/00a_toyshop.ipynb #59271f42
+# %% ../nbs/00a_toyshop.ipynb #beb637fd
 def _shade(rgb) -> tuple:
     "A contrasting shade of `rgb`: darker for light colours, lighter for dark ones."
     light = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 140
@@ -156,6 +157,7 @@ def _texture(rgb, pattern: str) -> Image.Image:
     return im
 
 
+# %% ../nbs/00a_toyshop.ipynb #cc4a1672
 def _silhouette(d: ImageDraw.ImageDraw, category: str):
     "Draw the shape of `category` (255 inside, 0 outside) on a 64x64 mask."
     if category == 'phone': d.rounded_rectangle((20, 6, 44, 58), 5, fill=255)
@@ -199,6 +201,7 @@ def _details(d: ImageDraw.ImageDraw, category: str, ink: tuple):
         for x in (12, 52): d.line([(x, 32), (x, 50)], fill=ink, width=2)
 
 
+# %% ../nbs/00a_toyshop.ipynb #a163a512
 def draw_item(category: str, colour: str, pattern: str, size: int = 64) -> Image.Image:
     "A `size`x`size` RGB picture: the shape shows the category, fill and pattern show colour and pattern."
     mask = Image.new('L', (64, 64), 0)
@@ -208,6 +211,7 @@ def draw_item(category: str, colour: str, pattern: str, size: int = 64) -> Image
     im.paste((40, 40, 40), mask=ImageChops.subtract(mask.filter(ImageFilter.MaxFilter(3)), mask))
     _details(ImageDraw.Draw(im), category, (200, 200, 205) if colour == 'black' else (40, 40, 40))
     return im if size == 64 else im.resize((size, size), Image.Resampling.LANCZOS)
+
 
 # %% ../nbs/00a_toyshop.ipynb #90688adc
 def _draw(cum: np.ndarray, rng: np.random.Generator) -> int:
