@@ -32,6 +32,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging as hf_logging
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from .artifacts import digest, isolated_rng, write_json
 from .data import Report
 from .preprocess import load_image
 
@@ -39,10 +40,10 @@ from .preprocess import load_image
 __all__ = ['ADAPTERS', 'LANGUAGE_ATTENTION', 'MLLMConfig', 'TinyMLLMConfig', 'corpus_texts', 'tiny_tokenizer',
            'Qwen2VLImageOnlyProcessor', 'build_tiny_mllm', 'cache_dir', 'tiny_mllm_path', 'MLLMLoadError',
            'load_processor', 'enable_gradient_checkpointing', 'load_mllm', 'parameter_counts', 'add_adapters',
-           'active_adapter', 'use_adapter', 'image_placeholder', 'Prompt', 'item_prompt', 'session_prompt', 'encode',
-           'model_inputs', 'prompt_mask', 'pool', 'last_hidden_states', 'hidden_size', 'readout', 'generation_loss',
-           'prompt_lengths', 'merge_batches', 'process_layout', 'every_process', 'wait_for_everyone', 'all_gather_rows',
-           'item_features']
+           'active_adapter', 'use_adapter', 'image_placeholder', 'Prompt', 'item_value', 'item_prompt',
+           'session_prompt', 'encode', 'model_inputs', 'prompt_mask', 'pool', 'last_hidden_states', 'hidden_size',
+           'readout', 'generation_loss', 'prompt_lengths', 'merge_batches', 'process_layout', 'every_process',
+           'wait_for_everyone', 'all_gather_rows', 'item_features']
 
 # %% ../nbs/02_mllm.ipynb #e1391c9f
 ADAPTERS = ('knowledge', 'transfer')  # the two "parallel MLLMs" of TPAD, as LoRA adapter names
@@ -183,17 +184,6 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 # %% ../nbs/02_mllm.ipynb #a80ca1e3
-@contextlib.contextmanager
-def _quiet():
-    "Silence transformers' progress bars and info/warning logs (weights loading, PIL fallbacks) inside the block."
-    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar(); hf_logging.set_verbosity_error()
-    try: yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars: hf_logging.enable_progress_bar()
-
-
 def _tiny_model_and_processor(cfg: TinyMLLMConfig, tok: PreTrainedTokenizerFast):
     "Random-weight model and matching processor of `cfg.family` (weights drawn from `cfg.seed`)."
     ids = lambda t: tok.convert_tokens_to_ids(t)
@@ -203,8 +193,7 @@ def _tiny_model_and_processor(cfg: TinyMLLMConfig, tok: PreTrainedTokenizerFast)
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                 tie_word_embeddings=False)
     n_patches = (cfg.image_size // cfg.patch_size) ** 2
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with isolated_rng(cfg.seed):  # the same weights for the same seed; the caller's generator is left alone
         if cfg.family == 'llava':
             vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden_size, intermediate_size=2 * cfg.vision_hidden_size,
                                       num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
@@ -238,6 +227,17 @@ def _tiny_model_and_processor(cfg: TinyMLLMConfig, tok: PreTrainedTokenizerFast)
         processor = Qwen2VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok)
     return model.eval(), processor
 
+# %% ../nbs/02_mllm.ipynb #7684eeaf
+@contextlib.contextmanager
+def _quiet():
+    "Silence transformers' progress bars and info/warning logs (weights loading, PIL fallbacks) inside the block."
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar(); hf_logging.set_verbosity_error()
+    try: yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars: hf_logging.enable_progress_bar()
+
 
 def _as_standard_qwen2_vl(folder: Path):
     "Rewrite the saved processor files as a stock Qwen2-VL folder: processor_class Qwen2VLProcessor + a video section."
@@ -248,7 +248,7 @@ def _as_standard_qwen2_vl(folder: Path):
         if name == 'processor_config.json':
             video = {k: v for k, v in d['image_processor'].items() if k != 'image_processor_type'}
             d['video_processor'] = dict(video, video_processor_type='Qwen2VLVideoProcessor')
-        path.write_text(json.dumps(d, indent=2, sort_keys=True) + '\n')
+        write_json(path, d, indent=2)
 
 
 def build_tiny_mllm(out_dir, config: TinyMLLMConfig | None = None, texts=None) -> Path:
@@ -263,9 +263,8 @@ def build_tiny_mllm(out_dir, config: TinyMLLMConfig | None = None, texts=None) -
         processor.save_pretrained(out)
     if cfg.family == 'qwen2_vl': _as_standard_qwen2_vl(out)
     n_texts = len(texts) if texts else 0
-    (out / 'tpad_tiny.json').write_text(json.dumps(dict(tiny_config=dataclasses.asdict(cfg), tokenizer_texts=n_texts,
-                                                        vocabulary=len(tok), transformers=transformers.__version__),
-                                                   indent=2) + '\n')
+    write_json(out / 'tpad_tiny.json', dict(tiny_config=dataclasses.asdict(cfg), tokenizer_texts=n_texts,
+                                            vocabulary=len(tok), transformers=transformers.__version__), indent=2)
     return out
 
 # %% ../nbs/02_mllm.ipynb #b7a3bf17
@@ -280,10 +279,10 @@ def cache_dir() -> Path:
 def tiny_mllm_path(config: TinyMLLMConfig | None = None, texts=None, cache: str | Path | None = None) -> Path:
     "The folder of the tiny model for `config` and tokenizer `texts`, built (atomically) on first use."
     cfg = config or TinyMLLMConfig()
-    key = json.dumps(dict(config=dataclasses.asdict(cfg), transformers=transformers.__version__, builder=_TINY_BUILDER,
-                          texts=hashlib.sha256('\x00'.join(texts or []).encode()).hexdigest()), sort_keys=True)
+    key = digest(dict(config=dataclasses.asdict(cfg), transformers=transformers.__version__, builder=_TINY_BUILDER,
+                      texts=hashlib.sha256('\x00'.join(texts or []).encode()).hexdigest()))
     root = Path(cache) if cache is not None else cache_dir()
-    out = root / f"tiny-mllm-{cfg.family}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    out = root / f"tiny-mllm-{cfg.family}-{key[:12]}"
     if (out / 'tpad_tiny.json').exists(): return out
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}-', dir=root))
@@ -321,7 +320,7 @@ def _model_source(config: MLLMConfig, texts=None) -> str:
         raise MLLMLoadError(f"{config.model}: no such model folder. {_how_to('ORG/NAME')}")
     return config.model
 
-
+# %% ../nbs/02_mllm.ipynb #467d5206
 def load_processor(source: str, **kwargs):
     "`AutoProcessor.from_pretrained(source)`; for Qwen2-VL without torchvision, the image-only Qwen2-VL processor."
     try:
@@ -337,7 +336,7 @@ def load_processor(source: str, **kwargs):
                             f"processor and a tokenizer: is this an image-text-to-text model?")
     return processor
 
-
+# %% ../nbs/02_mllm.ipynb #01e7559f
 def _device(name: str) -> torch.device:
     "The device `name` means; 'auto' and 'cuda' mean this process's own GPU (`LOCAL_RANK`) under `accelerate launch`."
     if name == 'auto': name = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -356,7 +355,7 @@ def enable_gradient_checkpointing(model):
     model.config.use_cache = False
     return model
 
-
+# %% ../nbs/02_mllm.ipynb #f7e5498f
 def load_mllm(config: MLLMConfig | None = None, texts=None):
     "Load `(model, processor)` of `config.model` (hub name, local folder, or '' = tiny demo model) for TPAD."
     config = config or MLLMConfig()
@@ -454,7 +453,8 @@ class Prompt:
         return f"Prompt({self.text!r}, images={len(self.images)})"
 
 
-def _value(item, key) -> str:
+def item_value(item, key) -> str:
+    "Field `key` of an item (a row, dict or object) as a stripped string; '' when it is missing, None or NaN."
     v = item.get(key) if hasattr(item, 'get') else getattr(item, key, None)
     if v is None or (isinstance(v, float) and math.isnan(v)): return ''
     return str(v).strip()
@@ -466,7 +466,7 @@ def _cut(text: str, tokenizer, n: int) -> tuple[str, bool]:
     if len(enc['input_ids']) <= n: return text, False
     return text[:enc['offset_mapping'][n - 1][1]].rstrip(), True
 
-
+# %% ../nbs/02_mllm.ipynb #d59c85da
 class _Tallies(list):
     "Stands in for a `Report` in a worker process: records `_tally` calls, replayed into the real report in item order."
 
@@ -484,10 +484,10 @@ def _tally(report: Report | None, step: str, hit: bool, note: str, example: str 
     row['n_in'] += 1; row['n_out'] += 1; row['changed'] += int(hit)
     if hit and example and 'e.g.' not in row['note']: row['note'] += f'; e.g. {example}'
 
-
+# %% ../nbs/02_mllm.ipynb #0b2ca58e
 def _image(item, config: MLLMConfig, report: Report | None, what: str):
     "The item's image as a list of 0 or 1 PIL images (placeholder for a bad file), counted in `report`."
-    path, item_id = _value(item, 'image'), _value(item, 'item_id')
+    path, item_id = item_value(item, 'image'), item_value(item, 'item_id')
     _tally(report, f'{what}: no image -> text only [items]', not path, 'items without an image path', item_id)
     if not path: return []
     image, status, error = load_image(path, config.image_size)
@@ -502,7 +502,7 @@ def _item_text(item, config: MLLMConfig) -> str:
     "The item's shown fields as one text (before the cut to `max_text_tokens`)."
     parts = []
     for f in config.fields_shown:
-        v = _value(item, f)
+        v = item_value(item, f)
         if not v: continue
         if f == 'title': parts.append(v if v.endswith(('.', '!', '?')) else v + '.')
         elif f == 'category': parts.append(f'Category: {v}.')
@@ -515,12 +515,12 @@ def item_prompt(item, processor, config: MLLMConfig | None = None, report: Repor
     config = config or MLLMConfig()
     body, cut = _cut(_item_text(item, config), processor.tokenizer, config.max_text_tokens)
     _tally(report, f'item prompts: text cut to {config.max_text_tokens} tokens [items]', cut,
-           'item text longer than max_text_tokens, end dropped', _value(item, 'item_id'))
+           'item text longer than max_text_tokens, end dropped', item_value(item, 'item_id'))
     images = _image(item, config, report, 'item prompts')
     own_image = bool(images) and 'placeholder' not in images[0].info
     _tally(report, 'item prompts: no text, no readable image -> instruction only [items]', not body and not own_image,
            'items with nothing of their own to show: all of them get one and the same feature',
-           _value(item, 'item_id'))
+           item_value(item, 'item_id'))
     head = image_placeholder(processor) if images else ''
     text = ' '.join(p for p in (body, config.readout_instruction) if p)
     return Prompt(f'{head} {text}' if head else text, images)
@@ -542,9 +542,9 @@ def session_prompt(items, processor, config: MLLMConfig | None = None, report: R
            f'{len(rows)} items')
     placeholder, parts, images = image_placeholder(processor), [], []
     for k, item in enumerate(kept, start=1):
-        title, cut = _cut(_value(item, 'title'), processor.tokenizer, config.max_text_tokens)
+        title, cut = _cut(item_value(item, 'title'), processor.tokenizer, config.max_text_tokens)
         _tally(report, f'session prompts: title cut to {config.max_text_tokens} tokens [items]', cut,
-               'titles longer than max_text_tokens, end dropped', _value(item, 'item_id'))
+               'titles longer than max_text_tokens, end dropped', item_value(item, 'item_id'))
         image = _image(item, config, report, 'session prompts')
         images += image
         parts.append(' '.join(p for p in (f'[{k}]', placeholder if image else '', title) if p))
@@ -554,6 +554,11 @@ def session_prompt(items, processor, config: MLLMConfig | None = None, report: R
 _PER_TOKEN = ('input_ids', 'attention_mask', 'mm_token_type_ids', 'token_type_ids')
 
 
+def _pad_id(tokenizer) -> int:
+    "The id that pads a batch: the pad token's, else the eos token's, else 0."
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 def encode(processor, prompts, targets=None, padding_side: str = 'right', max_target_tokens: int | None = None) -> dict:
     "A padded model batch of `prompts` (+ `labels` on the `targets` span only, -100 elsewhere)."
     if padding_side not in ('right', 'left'): raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
@@ -561,7 +566,7 @@ def encode(processor, prompts, targets=None, padding_side: str = 'right', max_ta
     if targets is not None and len(targets) != len(prompts):
         raise ValueError(f"encode: {len(prompts)} prompts but {len(targets)} targets")
     tok = processor.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = _pad_id(tok)
     rows, per_image = [], {}
     for i, p in enumerate(prompts):
         enc = processor(text=[p.text], images=list(p.images) or None, return_tensors='pt')
@@ -610,7 +615,7 @@ def model_inputs(model, batch: dict, non_blocking: bool = False) -> dict:
         out[k] = v.to(p.device, p.dtype if v.is_floating_point() else v.dtype, non_blocking=non_blocking)
     return out
 
-
+# %% ../nbs/02_mllm.ipynb #ce6f7e95
 def prompt_mask(batch: dict) -> Tensor:
     "[B, T] bool: the prompt tokens of a batch (attention mask 1, label -100)."
     mask = batch['attention_mask'].bool()
@@ -636,7 +641,7 @@ def _pool_masked(hidden: Tensor, mask: Tensor, how: str) -> Tensor:
         return (hidden * m).sum(1) / m.sum(1)
     raise ValueError(f"how must be 'last' or 'mean', not {how!r}")
 
-
+# %% ../nbs/02_mllm.ipynb #0e2f0b7b
 def last_hidden_states(model, inputs: dict) -> Tensor:
     "[B, T, d] last layer's hidden states of model inputs on the model's device (the LM head runs on one position only)."
     return model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states[-1]
@@ -682,7 +687,7 @@ def prompt_lengths(items, processor, config: MLLMConfig | None = None) -> list:
     texts = tok([_item_text(r, config) for r in rows], add_special_tokens=False)['input_ids']
     fixed = len(tok(' ' + config.readout_instruction, add_special_tokens=True)['input_ids'])
     per_image = _image_tokens(processor, config)
-    return [min(len(t), config.max_text_tokens) + fixed + (per_image if _value(r, 'image') else 0)
+    return [min(len(t), config.max_text_tokens) + fixed + (per_image if item_value(r, 'image') else 0)
             for t, r in zip(texts, rows)]
 
 # %% ../nbs/02_mllm.ipynb #1c512b52
@@ -738,7 +743,9 @@ def wait_for_everyone():
 
 def all_gather_rows(t: Tensor) -> list[Tensor]:
     "Every process's `t` (same dtype and trailing shape, any number of rows), in process order, on the CPU."
-    world, dev = process_layout()[1], _collective_device()
+    world = process_layout()[1]
+    if world == 1: return [t.cpu()]
+    dev = _collective_device()
     n = torch.tensor([t.shape[0]], device=dev)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     torch.distributed.all_gather(sizes, n)
@@ -771,20 +778,10 @@ class _ItemChunks(torch.utils.data.Dataset):
         batch = encode(self.processor, prompts, padding_side='left')
         del batch['labels']
         empty = (~batch['attention_mask'].bool().any(1)).nonzero().flatten().tolist()
-        if empty: raise ValueError(f"item_features: empty prompt for item(s) {[_value(self.rows[idx[j]], 'item_id') for j in empty]}")
+        if empty: raise ValueError(f"item_features: empty prompt for item(s) {[item_value(self.rows[idx[j]], 'item_id') for j in empty]}")
         return idx, {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}, tallies
 
-
-@contextlib.contextmanager
-def _env_default(**values):
-    "Set the environment variables that are not set yet inside the block; remove them after."
-    new = {k: v for k, v in values.items() if k not in os.environ}
-    os.environ.update(new)
-    try: yield
-    finally:
-        for k in new: os.environ.pop(k, None)
-
-
+# %% ../nbs/02_mllm.ipynb #a6b4a94e
 def _chunked_batches(lengths: list | None, n: int, batch_size: int, parts: int, rank: int = 0,
                      world: int = 1) -> tuple[list, list]:
     "Batches of item positions (longest prompts first when `lengths` is given), each cut into <= `parts` chunks; process `rank` of `world` gets every `world`-th batch."
@@ -799,7 +796,91 @@ def _chunked_batches(lengths: list | None, n: int, batch_size: int, parts: int, 
         per_batch.append(len(pieces))
     return chunks, per_batch
 
+# %% ../nbs/02_mllm.ipynb #a54af9a9
+@contextlib.contextmanager
+def _env_default(**values):
+    "Set the environment variables that are not set yet inside the block; remove them after."
+    new = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(new)
+    try: yield
+    finally:
+        for k in new: os.environ.pop(k, None)
 
+
+def _item_loader(rows: list, processor, config: MLLMConfig, chunks: list, dtype: torch.dtype, workers: int,
+                 pin: bool) -> torch.utils.data.DataLoader:
+    "The encoded `chunks`, one per step and in order, built in `workers` forked processes (0: in this one)."
+    return torch.utils.data.DataLoader(
+        _ItemChunks(rows, processor, config, chunks, dtype), batch_size=None, num_workers=workers, pin_memory=pin,
+        multiprocessing_context='fork' if workers and os.name == 'posix' and sys.platform != 'darwin' else None)
+
+
+@contextlib.contextmanager
+def _reading(model, adapter: str | None, config: MLLMConfig):
+    "Eval mode, `adapter` active (None: as is), no autograd, autocast to `config.dtype` for a float32 model; training mode restored after."
+    p = _first_param(model)
+    autocast = (torch.autocast(p.device.type, dtype=_DTYPES[config.dtype])
+                if p.dtype == torch.float32 and config.dtype != 'float32' else contextlib.nullcontext())
+    was_training = model.training
+    model.eval()
+    try:
+        with (use_adapter(model, adapter) if adapter else contextlib.nullcontext()), torch.inference_mode(), autocast:
+            yield model
+    finally: model.train(was_training)
+
+# %% ../nbs/02_mllm.ipynb #5cd82a81
+class _HostCopies:
+    "Feature rows copied into a CPU buffer; on CUDA without waiting, a few batches in flight until `flush`."
+    def __init__(self, buf: Tensor, device: torch.device):
+        self.buf, self.device, self.cuda, self.pending = buf, device, device.type == 'cuda', []
+
+    def add(self, at, h: Tensor):
+        "Copy `h` (as float32) into the buffer's rows `at`."
+        self.pending.append((at, h.float().to('cpu', non_blocking=self.cuda)))
+        if not self.cuda or len(self.pending) >= 8: self.flush()  # on CUDA a few batches stay in flight
+
+    def flush(self):
+        "Wait for the copies in flight and write them into the buffer."
+        if self.cuda: torch.cuda.synchronize(self.device)  # the copies into pinned memory are asynchronous
+        for at, host in self.pending: self.buf[at] = host
+        self.pending.clear()
+
+
+def _read_chunks(model, loader, per_batch: list, pad_id: int, how: str, buf: Tensor, world: int) -> tuple[list, dict]:
+    "Read out the batches (`per_batch`: each one's number of chunks from `loader`) into `buf`, at the items' rows (one process) or in turn (several); (item positions in reading order, their report tallies)."
+    p = _first_param(model)
+    cuda = p.device.type == 'cuda'
+    copies, index, tallies = _HostCopies(buf, p.device), [], {}
+    with _env_default(TOKENIZERS_PARALLELISM='false') if loader.num_workers else contextlib.nullcontext():
+        chunk_iter = iter(loader)  # workers fork here; a forked tokenizer must not use threads
+    try:
+        for n_chunks in per_batch:
+            parts = [next(chunk_iter) for _ in range(n_chunks)]
+            batch = merge_batches([model_inputs(model, b, non_blocking=cuda) for _, b, _ in parts], pad_id)
+            h = _pool_masked(last_hidden_states(model, batch), batch['attention_mask'].bool(), how)
+            idx = [i for part, _, _ in parts for i in part]
+            copies.add(torch.tensor(idx) if world == 1 else slice(len(index), len(index) + len(idx)), h)
+            for part, _, ts in parts: tallies.update(zip(part, ts))
+            index += idx
+        copies.flush()
+    finally: chunk_iter = None  # shuts the workers down
+    return index, tallies
+
+# %% ../nbs/02_mllm.ipynb #5a75b4a9
+def _gather_shards(buf: Tensor, index: list, tallies: dict, n: int) -> tuple[Tensor, dict]:
+    "Every process's feature rows and report tallies (this one's: `buf`, at item positions `index`), in item order: ([n, d], {item: tallies})."
+    mine = [list(map(list, tallies[i])) for i in index]
+    index_parts = all_gather_rows(torch.tensor(index, dtype=torch.long))
+    index = torch.cat(index_parts).tolist()
+    tallies = dict(zip(index, [t for part in _all_gather_json(mine) for t in part]))
+    if sorted(index) != list(range(n)):
+        raise RuntimeError(f"item_features: the {len(index_parts)} shards cover {len(set(index))} of {n} items "
+                           f"({len(index)} rows): did every process pass the same items and batch_size?")
+    out = torch.empty(n, buf.shape[1])
+    for part, at in zip(all_gather_rows(buf), index_parts): out[at] = part
+    return out, tallies
+
+# %% ../nbs/02_mllm.ipynb #62c5532d
 def item_features(model, processor, items, config: MLLMConfig | None = None, batch_size: int = 16,
                   adapter: str | None = None, report: Report | None = None, num_workers: int | None = None,
                   sort_by_length: bool | None = None, shard: bool = True) -> Tensor:
@@ -808,62 +889,19 @@ def item_features(model, processor, items, config: MLLMConfig | None = None, bat
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     workers = config.num_workers if num_workers is None else num_workers
     sort = config.sort_by_length if sort_by_length is None else sort_by_length
-    rows = _rows(items)
-    d = (model.get_base_model() if isinstance(model, PeftModel) else model).config.get_text_config().hidden_size
+    rows, d = _rows(items), hidden_size(model)
     if not rows: return torch.zeros(0, d)
     p = _first_param(model)
-    cuda = p.device.type == 'cuda'
     rank, world = process_layout() if shard else (0, 1)
     chunks, per_batch = _chunked_batches(prompt_lengths(rows, processor, config) if sort else None, len(rows),
                                          batch_size, max(workers, 1), rank, world)
-    loader = torch.utils.data.DataLoader(
-        _ItemChunks(rows, processor, config, chunks, p.dtype), batch_size=None, num_workers=workers, pin_memory=cuda,
-        multiprocessing_context='fork' if workers and os.name == 'posix' and sys.platform != 'darwin' else None)
-    tok = processor.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    autocast = (torch.autocast(p.device.type, dtype=_DTYPES[config.dtype])
-                if p.dtype == torch.float32 and config.dtype != 'float32' else contextlib.nullcontext())
+    loader = _item_loader(rows, processor, config, chunks, p.dtype, workers, pin=p.device.type == 'cuda')
     # one buffer, filled batch by batch: every item at its row (one process), or this process's rows in turn (several)
     buf = torch.empty(len(rows) if world == 1 else sum(map(len, chunks)), d)
-    index, tallies, pending, filled = [], {}, [], 0
-
-    def flush():
-        if cuda: torch.cuda.synchronize(p.device)  # the copies into pinned memory are asynchronous
-        for at, host in pending: buf[at] = host
-        pending.clear()
-
-    was_training = model.training
-    model.eval()
-    try:
-        with (use_adapter(model, adapter) if adapter else contextlib.nullcontext()), torch.inference_mode(), autocast:
-            with _env_default(TOKENIZERS_PARALLELISM='false') if workers else contextlib.nullcontext():
-                chunk_iter = iter(loader)  # workers fork here; a forked tokenizer must not use threads
-            for n_chunks in per_batch:
-                parts = [next(chunk_iter) for _ in range(n_chunks)]
-                batch = merge_batches([model_inputs(model, b, non_blocking=cuda) for _, b, _ in parts], pad_id)
-                h = _pool_masked(last_hidden_states(model, batch), batch['attention_mask'].bool(), config.readout)
-                idx = [i for part, _, _ in parts for i in part]
-                at = torch.tensor(idx) if world == 1 else slice(filled, filled + len(idx))
-                pending.append((at, h.float().to('cpu', non_blocking=cuda)))
-                filled += len(idx)
-                if not cuda or len(pending) >= 8: flush()  # on CUDA a few batches stay in flight
-                for part, _, ts in parts: tallies.update(zip(part, ts))
-                index += idx
-            flush()
-    finally:
-        model.train(was_training)
-        chunk_iter = None  # shuts the workers down
+    with _reading(model, adapter, config):
+        index, tallies = _read_chunks(model, loader, per_batch, _pad_id(processor.tokenizer), config.readout, buf, world)
     out = buf
-    if world > 1:  # every process gets every shard: item positions, report tallies and features
-        mine = [list(map(list, tallies[i])) for i in index]
-        index_parts = all_gather_rows(torch.tensor(index, dtype=torch.long))
-        index = torch.cat(index_parts).tolist()
-        tallies = dict(zip(index, [t for part in _all_gather_json(mine) for t in part]))
-        if sorted(index) != list(range(len(rows))):
-            raise RuntimeError(f"item_features: the {world} shards cover {len(set(index))} of {len(rows)} items "
-                               f"({len(index)} rows): did every process pass the same items and batch_size?")
-        out = torch.empty(len(rows), d)
-        for part, at in zip(all_gather_rows(buf), index_parts): out[at] = part
+    if world > 1: out, tallies = _gather_shards(buf, index, tallies, len(rows))  # every process gets every shard
     for i in range(len(rows)):
         for t in tallies[i]: _tally(report, *t)
     return out
