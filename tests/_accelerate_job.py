@@ -59,7 +59,7 @@ def main(argv=None):
     rank, world = mllm.process_layout()
     rows = dict(resume=0, stage1=0, extract=0, stage2=0, stage2b=0)  # samples this process ran through the MLLM, per phase
     phase = ['resume']
-    last_hidden = mllm._last_hidden
+    last_hidden = mllm.last_hidden_states
 
     sharded = {}  # per training phase: whether the MLLM's weights were FSDP's DTensors (sharded) while it trained
 
@@ -67,7 +67,7 @@ def main(argv=None):
         if phase[0] == 'extract' or model.training: rows[phase[0]] += int(inputs['input_ids'].shape[0])  # no validation
         if model.training: sharded[phase[0]] = any(type(p).__name__ == 'DTensor' for p in model.parameters())
         return last_hidden(model, inputs)
-    mllm._last_hidden = counting
+    mllm.last_hidden_states = align.last_hidden_states = counting  # align holds its own reference to it
 
     data = load('toyshop')
 

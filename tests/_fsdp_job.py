@@ -90,12 +90,12 @@ def main(argv=None):
     rank, world = mllm.process_layout()
     rows = dict(resume=0, stage1=0, extract=0, again=0)  # samples this process ran through the MLLM, per phase
     phase, seen_in_loss = ['resume'], {}
-    last_hidden = mllm._last_hidden
+    last_hidden = mllm.last_hidden_states
 
     def counting(model, inputs):  # every forward pass of the MLLM goes through here: count this process's samples
         if phase[0] == 'extract' or model.training: rows[phase[0]] += int(inputs['input_ids'].shape[0])  # no validation
         return last_hidden(model, inputs)
-    mllm._last_hidden = counting
+    mllm.last_hidden_states = counting
 
     knowledge_loss = stage1.knowledge_loss
 

@@ -31,7 +31,7 @@ from torch import nn, Tensor
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from .artifacts import atomic_write, umask
+from .artifacts import atomic_write, umask, write_json
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'MIXED_PRECISION', 'CHECKPOINT_RE', 'TrainConfig', 'resolve_mixed_precision', 'WarmupSchedule',
@@ -97,7 +97,7 @@ class TrainConfig:
                 "or the path of a checkpoint folder"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar (main process only)"})
 
-
+# %% ../nbs/02a_train.ipynb #6d6df0ec
 def _check_config(c: TrainConfig):
     "Raise naming the field when a value cannot work."
     def bad(name, why): raise ValueError(f"TrainConfig.{name}={getattr(c, name)!r}: {why}")
@@ -111,7 +111,7 @@ def _check_config(c: TrainConfig):
     if not 0 <= c.warmup_ratio < 1: bad('warmup_ratio', "must be in [0, 1)")
     if not c.lr > 0: bad('lr', "must be > 0")
 
-
+# %% ../nbs/02a_train.ipynb #f0b5f5ff
 def resolve_mixed_precision(choice: str = 'auto') -> str:
     "'no', 'bf16' or 'fp16': `choice`, with 'auto' resolved for this machine and launcher."
     if choice not in MIXED_PRECISION: raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {choice!r}")
@@ -168,6 +168,7 @@ def _encode(obj, tensors: dict, key: str):
 
 
 def _decode(obj, tensors: dict):
+    "The object `_encode` described by `obj`, with the tensors put back."
     if isinstance(obj, list): return [_decode(v, tensors) for v in obj]
     if isinstance(obj, dict):
         if set(obj) == {'__tensor__'}: return tensors[obj['__tensor__']]
@@ -177,18 +178,13 @@ def _decode(obj, tensors: dict):
     return obj
 
 
-def _write_json(path: Path, obj):
-    "Write JSON atomically: a temp file in the same folder, then rename."
-    atomic_write(lambda p: p.write_text(json.dumps(obj, indent=1)), path)
-
-
 def save_tree(obj, stem) -> list[Path]:
     "Save nested dicts/lists/tuples of tensors and plain values as `stem.safetensors` + `stem.json`."
     stem, tensors = Path(stem), {}
     structure = _encode(obj, tensors, 't')
     files = [stem.with_name(stem.name + '.safetensors'), stem.with_name(stem.name + '.json')]
     save_file(tensors, files[0], metadata={'format': 'pt'})
-    _write_json(files[1], structure)
+    write_json(files[1], structure)
     return files
 
 
@@ -232,11 +228,13 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _optimizer_param_names(model: nn.Module, optimizer) -> list[list[str]]:
+    "The model's names of the optimizer's parameters, group by group."
     names = {id(p): n for n, p in model.named_parameters()}
     return [[names.get(id(p), '?') for p in g['params']] for g in optimizer.param_groups]
 
 
 def _barrier(accelerator):
+    "Wait for every process (no-op without an accelerator)."
     if accelerator is not None: accelerator.wait_for_everyone()
 
 
@@ -250,31 +248,7 @@ def _replace_dir(src: Path, dst: Path):
     os.replace(src, dst)
     if old is not None: shutil.rmtree(old)
 
-
-def _is_fsdp(accelerator) -> bool:
-    "Whether `accelerator` shards the model (FSDP): then weights and optimizer state are gathered to save them."
-    return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
-
-
-def _raw_optimizer(optimizer):
-    return getattr(optimizer, 'optimizer', optimizer)  # accelerate's AcceleratedOptimizer wraps the torch optimizer
-
-
-def _fsdp_full_state(model: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
-    "(trainable weights, optimizer state) of an FSDP model, gathered whole onto process 0's CPU; call it in every process."
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    names = list(trainable_parameters(model))
-    full = get_model_state_dict(model, options=options)  # process 0: full CPU tensors; the others: nothing
-    weights = {n: full[n].contiguous() for n in names} if full else {}
-    if optimizer is None: return weights, None
-    full = get_optimizer_state_dict(model, _raw_optimizer(optimizer), options=options)  # keyed by parameter name
-    # on disk as in one process: `optimizer.state_dict()`, parameters numbered in the order of the param groups
-    order = [n for group in _optimizer_param_names(model, optimizer) for n in group]
-    state = {i: full['state'][n] for i, n in enumerate(order) if n in full.get('state', {})}
-    return weights, dict(state=state, param_groups=optimizer.state_dict()['param_groups'])
-
-
+# %% ../nbs/02a_train.ipynb #78751697
 def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, step: int = 0, state: dict | None = None,
                     accelerator: Accelerator | None = None) -> Path:
     "Write trainable weights, optimizer, scheduler, RNG states and `state` (JSON-able) to the folder `path`, atomically."
@@ -297,7 +271,7 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, step
         meta = dict(step=int(step), trainable=list(weights),
                     num_processes=1 if accelerator is None else accelerator.num_processes,
                     optimizer_params=None if optimizer is None else _optimizer_param_names(model, optimizer))
-        _write_json(tmp/'trainer_state.json', {**meta, **(state or {})})
+        write_json(tmp/'trainer_state.json', {**meta, **(state or {})})
     _barrier(accelerator)  # the folder exists before the other processes write their RNG states into it
     save_tree(rng_state(), tmp/f'rng-{0 if accelerator is None else accelerator.process_index}')
     _barrier(accelerator)
@@ -307,7 +281,7 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, step
     _barrier(accelerator)
     return path
 
-
+# %% ../nbs/02a_train.ipynb #0c77ab3e
 def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, accelerator: Accelerator | None = None,
                     rng: bool = True) -> dict:
     "Load a `save_checkpoint` folder into a freshly built `model` (and optimizer, scheduler, RNG); return its state."
@@ -345,25 +319,7 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, acce
         else: warnings.warn(f"{path}: no RNG state for process {rank}; the resume is not exact")
     return state
 
-
-def _fsdp_load_full_state(path: Path, model: nn.Module, optimizer, names: list | None, main: bool):
-    "Load a checkpoint's full weights (and optimizer state) into an FSDP model: process 0 reads, every process gets its shard."
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    set_model_state_dict(model, load_file(path/'weights.safetensors') if main else {}, options=options)
-    if optimizer is None: return
-    saved, full = load_tree(path/'optimizer') if main else None, {}
-    if main:  # the on-disk numbering (param groups in order) -> parameter names, which the FSDP loader wants
-        order = [n for group in names for n in group]
-        full = dict(state={order[int(i)]: v for i, v in saved['state'].items()},
-                    param_groups=[{**g, 'params': [order[int(i)] for i in g['params']]} for g in saved['param_groups']])
-    raw = _raw_optimizer(optimizer)
-    tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in raw.param_groups]
-    set_optimizer_state_dict(model, raw, full, options=options)
-    for g, keys in zip(raw.param_groups, tuples):  # the broadcast turns tuples (AdamW's betas) into lists: undo that
-        for k in keys: g[k] = tuple(g[k])
-
-
+# %% ../nbs/02a_train.ipynb #7231b82b
 def latest_checkpoint(out_dir) -> Path | None:
     "The complete `checkpoint-<step>` folder with the highest step in `out_dir`, or None."
     found = _checkpoints(out_dir)
@@ -386,6 +342,49 @@ def prune_checkpoints(out_dir, keep: int) -> list[Path]:
     for p in gone: shutil.rmtree(p)
     return gone
 
+# %% ../nbs/02a_train.ipynb #9c4ba674
+def _is_fsdp(accelerator) -> bool:
+    "Whether `accelerator` shards the model (FSDP): then weights and optimizer state are gathered to save them."
+    return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+
+
+def _raw_optimizer(optimizer):
+    "The torch optimizer inside accelerate's wrapper."
+    return getattr(optimizer, 'optimizer', optimizer)  # accelerate's AcceleratedOptimizer wraps the torch optimizer
+
+
+def _fsdp_full_state(model: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+    "(trainable weights, optimizer state) of an FSDP model, gathered whole onto process 0's CPU; call it in every process."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    names = list(trainable_parameters(model))
+    full = get_model_state_dict(model, options=options)  # process 0: full CPU tensors; the others: nothing
+    weights = {n: full[n].contiguous() for n in names} if full else {}
+    if optimizer is None: return weights, None
+    full = get_optimizer_state_dict(model, _raw_optimizer(optimizer), options=options)  # keyed by parameter name
+    # on disk as in one process: `optimizer.state_dict()`, parameters numbered in the order of the param groups
+    order = [n for group in _optimizer_param_names(model, optimizer) for n in group]
+    state = {i: full['state'][n] for i, n in enumerate(order) if n in full.get('state', {})}
+    return weights, dict(state=state, param_groups=optimizer.state_dict()['param_groups'])
+
+# %% ../nbs/02a_train.ipynb #5949435b
+def _fsdp_load_full_state(path: Path, model: nn.Module, optimizer, names: list | None, main: bool):
+    "Load a checkpoint's full weights (and optimizer state) into an FSDP model: process 0 reads, every process gets its shard."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, load_file(path/'weights.safetensors') if main else {}, options=options)
+    if optimizer is None: return
+    saved, full = load_tree(path/'optimizer') if main else None, {}
+    if main:  # the on-disk numbering (param groups in order) -> parameter names, which the FSDP loader wants
+        order = [n for group in names for n in group]
+        full = dict(state={order[int(i)]: v for i, v in saved['state'].items()},
+                    param_groups=[{**g, 'params': [order[int(i)] for i in g['params']]} for g in saved['param_groups']])
+    raw = _raw_optimizer(optimizer)
+    tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in raw.param_groups]
+    set_optimizer_state_dict(model, raw, full, options=options)
+    for g, keys in zip(raw.param_groups, tuples):  # the broadcast turns tuples (AdamW's betas) into lists: undo that
+        for k in keys: g[k] = tuple(g[k])
+
 # %% ../nbs/02a_train.ipynb #5870ca41
 def _loss_terms(out, where: str) -> tuple[Tensor, dict]:
     "Split what `loss_fn` returned into the scalar loss and the extra terms to log."
@@ -402,21 +401,25 @@ def _loss_terms(out, where: str) -> tuple[Tensor, dict]:
     return out.reshape(()), terms
 
 
-def _as_float(v) -> float: return float(v.detach().float()) if isinstance(v, Tensor) else float(v)
+def _as_float(v) -> float:
+    "A loss term (tensor or number) as a python float."
+    return float(v.detach().float()) if isinstance(v, Tensor) else float(v)
 
 
 def _mean_over_processes(values: dict, accelerator) -> dict:
+    "`values` averaged over the processes."
     if accelerator is None or accelerator.num_processes == 1: return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device)
     return dict(zip(values, accelerator.reduce(t, reduction='mean').tolist()))
 
 
 def _sum_over_processes(values: dict, accelerator) -> dict:
+    "`values` summed over the processes."
     if accelerator is None or accelerator.num_processes == 1: return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device)
     return dict(zip(values, accelerator.reduce(t, reduction='sum').tolist()))
 
-
+# %% ../nbs/02a_train.ipynb #7195d452
 def validation_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> tuple[list, list]:
     "(index lists, weights) of process `rank` of `world`: every `world`-th batch of `range(n)`, plus weight-0 repeats so all run as many."
     batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
@@ -477,7 +480,7 @@ def history_frame(history) -> pd.DataFrame:
         history = [json.loads(line) for line in Path(history).read_text().splitlines() if line.strip()]
     return pd.DataFrame(history)
 
-
+# %% ../nbs/02a_train.ipynb #dad9517e
 def param_groups(model: nn.Module, params=None, weight_decay: float = 0.0) -> list[dict]:
     "AdamW groups of `params` (default: every `requires_grad` parameter): 2+-dim weights decay, the rest do not."
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
@@ -490,7 +493,7 @@ def param_groups(model: nn.Module, params=None, weight_decay: float = 0.0) -> li
               dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
     return [g for g in groups if g['params']]
 
-
+# %% ../nbs/02a_train.ipynb #99bb86f9
 def _accelerator(mixed_precision: str, find_unused_parameters: bool = True) -> Accelerator:
     "An Accelerator; in a single process a new mixed-precision setting replaces the one of an earlier `train` call."
     shared = AcceleratorState._shared_state
@@ -498,6 +501,19 @@ def _accelerator(mixed_precision: str, find_unused_parameters: bool = True) -> A
         AcceleratorState._reset_state()  # accelerate otherwise refuses to change it within a process
     return Accelerator(mixed_precision=mixed_precision,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+
+
+
+def _start_accelerator(config: TrainConfig) -> Accelerator:
+    "The run's Accelerator; refuses processes that were launched together but do not know of each other."
+    accelerator = _accelerator(resolve_mixed_precision(config.mixed_precision), config.find_unused_parameters)
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(f"launched as one of WORLD_SIZE={os.environ['WORLD_SIZE']} processes, but accelerate sees a "
+                           "single process, so each would train alone into the same out_dir; without GPUs launch "
+                           "with ACCELERATE_USE_CPU=1 to train the processes together on the CPU")
+    if accelerator.mixed_precision == 'fp16' and accelerator.device.type == 'cpu':
+        warnings.warn("mixed_precision='fp16' needs a GPU; on the CPU accelerate trains in fp32 (use 'bf16' or 'no')")
+    return accelerator
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> bool:
@@ -513,7 +529,251 @@ def _enable_gradient_checkpointing(model: nn.Module) -> bool:
                   "training without it")
     return False
 
+# %% ../nbs/02a_train.ipynb #72f9a949
+@dataclass(eq=False)
+class _Run:
+    "The moving parts of one `train` call: built by `_prepare`, counted by `_schedule`, advanced by `_run_epoch`."
+    config: TrainConfig
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable
+    sampler: EpochSampler
+    worker_rng: torch.Generator  # the loader's own generator: it never draws from the global one
+    train_dl: DataLoader
+    out: Path | None = None  # None: write nothing
+    fsdp_snapshot: dict | None = None  # under FSDP: the modules before FSDP2 sharded them in place
+    val_dl: DataLoader | None = None
+    val_weights: list | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    n_batches: int = 0  # micro-batches per epoch in this process
+    steps_per_epoch: int = 0
+    total: int = 0
+    layout: dict = field(default_factory=dict)  # what a resume must keep for an exact continuation
+    step: int = 0
+    history: list = field(default_factory=list)
+    checkpoint: Path | None = None
+    trainable: list = field(default_factory=list)  # the optimizer's parameters, in the order of its groups
 
+    @property
+    def main(self) -> bool: return self.accelerator.is_main_process
+
+    @property
+    def fsdp(self) -> bool: return self.fsdp_snapshot is not None
+
+# %% ../nbs/02a_train.ipynb #c24fad7b
+def _dataset_size(train_dataset) -> int:
+    "`len(train_dataset)`; an error saying why it must be a map-style dataset if it has none."
+    try: return len(train_dataset)
+    except TypeError: raise TypeError("train_dataset must be a map-style dataset (len and integer indexing) so that "
+                                      "epochs can be ordered and resumed") from None
+
+
+def _prepare(model: nn.Module, train_dataset, collate_fn: Callable | None, loss_fn: Callable, config: TrainConfig,
+             accelerator: Accelerator, out: Path | None, params=None) -> _Run:
+    "AdamW and the training loader for `model`, all three wrapped by `accelerator` for the device, precision and processes."
+    n_items = _dataset_size(train_dataset)
+    if config.gradient_checkpointing: _enable_gradient_checkpointing(model)
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, params, config.weight_decay), lr=config.lr,
+                                  betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay)
+    sampler, worker_rng = EpochSampler(n_items, config.seed, config.shuffle), torch.Generator()
+    train_dl = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_fn,
+                          num_workers=config.num_workers, generator=worker_rng)
+    snapshot = _fsdp_prepare(model, accelerator) if _is_fsdp(accelerator) else None
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    return _Run(config, accelerator, model, optimizer, loss_fn, sampler, worker_rng, train_dl, out, snapshot)
+
+
+def _validation_loader(val_dataset, collate_fn: Callable | None, config: TrainConfig, accelerator: Accelerator):
+    "(this process's validation loader, its batch weights): sharded here, not by accelerate (see \"Validation loss\")."
+    batches, weights = validation_batches(len(val_dataset), config.eval_batch_size or config.batch_size,
+                                          accelerator.process_index, accelerator.num_processes)
+    return DataLoader(val_dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=config.num_workers), weights
+
+# %% ../nbs/02a_train.ipynb #cb170a3f
+def _step_counts(n_batches: int, config: TrainConfig) -> tuple[int, int, int]:
+    "(steps per epoch, steps in all, warm-up steps) of a run whose epoch is `n_batches` micro-batches."
+    if n_batches == 0: raise ValueError("train_dataset gives no batches")
+    steps_per_epoch = math.ceil(n_batches / config.grad_accum_steps)
+    total = config.epochs * steps_per_epoch
+    if config.max_steps: total = min(total, config.max_steps)
+    return steps_per_epoch, total, config.warmup_steps or math.ceil(config.warmup_ratio * total)
+
+
+def _schedule(run: _Run):
+    "Count the run's steps and attach its schedule, which is stepped by hand, once per optimiser step, on every process."
+    c = run.config
+    run.n_batches = len(run.train_dl)
+    run.steps_per_epoch, run.total, warmup = _step_counts(run.n_batches, c)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer.optimizer, WarmupSchedule(warmup, run.total, c.schedule))
+    run.layout = dict(num_processes=run.accelerator.num_processes, batch_size=c.batch_size,
+                      grad_accum_steps=c.grad_accum_steps, seed=c.seed, shuffle=c.shuffle,
+                      steps_per_epoch=run.steps_per_epoch, total_steps=run.total)
+
+# %% ../nbs/02a_train.ipynb #671b1a8d
+def _resume_from(config: TrainConfig, out: Path | None, accelerator: Accelerator) -> Path | None:
+    "The checkpoint to resume from (None = fresh); a fresh start in a used out_dir needs overwrite=True."
+    if config.resume == 'latest':
+        if out is None: raise ValueError("resume='latest' needs an out_dir to look in")
+        return latest_checkpoint(out)
+    if config.resume:
+        path = Path(config.resume)
+        if not (path/'trainer_state.json').is_file():
+            raise FileNotFoundError(f"resume={config.resume!r}: not a checkpoint folder (no trainer_state.json)")
+        return path
+    if out is not None and out.is_dir():
+        used = [p for p in out.iterdir() if p.name == 'history.jsonl' or CHECKPOINT_RE.match(p.name)
+                or p.name.startswith('.tmp-checkpoint-')]
+        if used and not config.overwrite:
+            raise FileExistsError(f"{out} already holds a training run ({sorted(p.name for p in used)[:3]}); pass "
+                                  "resume='latest' to continue it or overwrite=True to start over")
+        if used and accelerator.is_main_process:
+            for p in used: shutil.rmtree(p) if p.is_dir() else p.unlink()
+        _barrier(accelerator)
+    return None
+
+# %% ../nbs/02a_train.ipynb #b3928dc1
+_LAYOUT = ('num_processes', 'batch_size', 'grad_accum_steps', 'seed', 'shuffle', 'steps_per_epoch', 'total_steps')
+
+
+def _check_layout(saved: dict, layout: dict, path) -> None:
+    "Warn when a resumed run's data layout differs from its checkpoint's, saying whether the batches stay the same."
+    changed = [f"{key}={layout[key]} (checkpoint: {saved.get(key)})" for key in _LAYOUT if saved.get(key) != layout[key]]
+    if not changed: return
+    # process r of P reads micro-batches r, r+P, ...: P x grad_accum_steps micro-batches make one step, in one order
+    group = lambda d: d.get('num_processes', 1) * d.get('grad_accum_steps', 1)
+    same_batches = group(saved) == group(layout) and all(saved.get(k) == layout[k] for k in _LAYOUT[3:] + ('batch_size',))
+    if same_batches:
+        warnings.warn(f"resuming {path} with {', '.join(changed)}: every step sees the same micro-batches in the same "
+                      "order (num_processes x grad_accum_steps is unchanged), but the random draws (dropout) of the "
+                      "processes follow other streams than in the saved run")
+    else: warnings.warn(f"resuming {path} with {', '.join(changed)}: the run is not an exact continuation")
+
+# %% ../nbs/02a_train.ipynb #eeb63592
+def _resume_or_start(run: _Run, resume_path: Path | None):
+    "Load the checkpoint at `resume_path` (None: a fresh start) into the run; start out_dir's config and history files."
+    if resume_path is not None:
+        saved = load_checkpoint(resume_path, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler,
+                                run.accelerator)
+        run.step, run.checkpoint = saved['step'], resume_path
+        run.history = [r for r in saved.get('history', []) if r['step'] <= run.step]
+        _check_layout(saved, run.layout, resume_path)
+    if run.out is not None and run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        write_json(run.out/'config.json', asdict(run.config))
+        atomic_write(lambda p: p.write_text(''.join(json.dumps(r) + '\n' for r in run.history)), run.out/'history.jsonl')
+
+# %% ../nbs/02a_train.ipynb #335f902e
+def _micro_batch(run: _Run, batch, size: int, last: bool, where: str, sums: dict):
+    "Forward and backward of one micro-batch, its loss divided by `size` (its window's micro-batches); add its terms to `sums`."
+    accelerator = run.accelerator
+    with (contextlib.nullcontext() if last else accelerator.no_sync(run.model)):  # all-reduce on the window's last only
+        with accelerator.autocast():
+            loss, terms = _loss_terms(run.loss_fn(run.model, batch), where)
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"the loss is {loss.item()} at {where}")
+        if not loss.requires_grad:
+            raise ValueError(f"the loss does not depend on any trainable parameter ({where})")
+        accelerator.backward(loss / size)
+    for name, v in {'loss': loss, **terms}.items(): sums[name] = sums.get(name, 0.0) + _as_float(v) / size
+
+
+def _optimizer_step(run: _Run) -> tuple:
+    "Clip the window's gradient, step AdamW and the schedule, count the step: (gradient norm before clipping, lr used)."
+    max_norm = run.config.max_grad_norm or math.inf
+    if run.fsdp:  # accelerate's clip_grad_norm_ compares `trainable` with the model's parameters element-wise,
+        run.accelerator.unscale_gradients()  # which fails on sharded ones of other shapes (full fine-tuning)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, max_norm)
+        if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()  # a DTensor of the shards' parts
+    else: grad_norm = run.accelerator.clip_grad_norm_(run.trainable, max_norm)
+    lr = run.optimizer.param_groups[0]['lr']
+    run.optimizer.step()
+    if not run.optimizer.step_was_skipped: run.scheduler.step()  # fp16 skips steps whose gradient overflowed
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return grad_norm, lr
+
+# %% ../nbs/02a_train.ipynb #3bc6c63c
+def _due(every: int, step: int, total: int) -> bool:
+    "Whether a thing done every `every` steps (0: only at the last step) is due at `step` of `total`."
+    return bool(every and step % every == 0) or step == total
+
+
+def _log_and_checkpoint(run: _Run, sums: dict, grad_norm, lr: float):
+    "After a step, when due: the history row (losses, lr, gradient norm; validation losses), then a checkpoint."
+    config, step = run.config, run.step
+    row = {}
+    if _due(config.log_every, step, run.total):
+        row.update(_mean_over_processes(sums, run.accelerator))
+        row.update(lr=lr, grad_norm=_as_float(grad_norm))
+    if run.val_dl is not None and _due(config.eval_every, step, run.total):
+        row.update(validation_loss(run.model, run.val_dl, run.loss_fn, run.accelerator, run.val_weights))
+    if row:
+        row = dict(step=step, epoch=round(step / run.steps_per_epoch, 6), **row)
+        run.history.append(row)
+        if run.out is not None and run.main:
+            with open(run.out/'history.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
+    if run.out is not None and _due(config.save_every, step, run.total): _save(run)
+
+
+def _save(run: _Run):
+    "Checkpoint the run at its step (with the layout, history and config) and prune the oldest checkpoints."
+    run.checkpoint = save_checkpoint(run.out/f'checkpoint-{run.step}', run.accelerator.unwrap_model(run.model),
+                                     run.optimizer, run.scheduler, run.step,
+                                     dict(run.layout, history=run.history, config=asdict(run.config)), run.accelerator)
+    if run.main: prune_checkpoints(run.out, run.config.keep_checkpoints)
+    _barrier(run.accelerator)
+
+# %% ../nbs/02a_train.ipynb #b2984767
+def _run_epoch(run: _Run, bar, recent: deque):
+    "Train the rest of the current epoch, window by window, until its end or the run's last step."
+    k = run.config.grad_accum_steps
+    epoch, window = divmod(run.step, run.steps_per_epoch)
+    run.sampler.epoch = epoch
+    run.worker_rng.manual_seed(run.config.seed * 1_000_003 + epoch)
+    skip = window * k  # micro-batches of this epoch already consumed (on resume)
+    batches = run.accelerator.skip_first_batches(run.train_dl, skip) if skip else run.train_dl
+    sums = {}
+    for i, batch in enumerate(batches, start=skip):
+        size = min(k, run.n_batches - (i // k) * k)  # micro-batches in this window
+        last = (i + 1) % k == 0 or i + 1 == run.n_batches
+        _micro_batch(run, batch, size, last, f"step {run.step + 1}, epoch {epoch}, micro-batch {i}", sums)
+        if not last: continue
+        grad_norm, lr = _optimizer_step(run)
+        recent.append(sums['loss'])
+        bar.update(1); bar.set_postfix(loss=f"{sum(recent) / len(recent):.4g}", refresh=False)
+        _log_and_checkpoint(run, sums, grad_norm, lr)
+        sums = {}
+        if run.step >= run.total: break
+
+
+def train(model: nn.Module, train_dataset, collate_fn: Callable | None, loss_fn: Callable,
+          config: TrainConfig | None = None, val_dataset=None, params=None) -> TrainResult:
+    "Train `model` to minimise `loss_fn(model, batch)` over `train_dataset` as `config` says; see the text above."
+    config = config or TrainConfig()
+    _check_config(config)
+    t0 = time.time()
+    accelerator = _start_accelerator(config)
+    set_seed(config.seed)
+    out = Path(config.out_dir) if config.out_dir else None
+    resume_path = _resume_from(config, out, accelerator)
+    run = _prepare(model, train_dataset, collate_fn, loss_fn, config, accelerator, out, params)
+    if val_dataset is not None:
+        run.val_dl, run.val_weights = _validation_loader(val_dataset, collate_fn, config, accelerator)
+    _schedule(run)
+    _resume_or_start(run, resume_path)
+    run.trainable = [p for g in run.optimizer.param_groups for p in g['params']]
+    bar = tqdm(total=run.total, initial=run.step, desc='train', disable=not (config.progress and run.main), mininterval=0.5)
+    recent = deque(maxlen=config.log_every)  # display only: the running loss on the bar
+    try:
+        while run.step < run.total: _run_epoch(run, bar, recent)
+    finally: bar.close()
+    if run.fsdp: _fsdp_to_plain(run.model, run.fsdp_snapshot, accelerator.device)  # whole, ordinary weights everywhere
+    return TrainResult(accelerator.unwrap_model(run.model, keep_fp32_wrapper=False), run.history, run.step, run.total,
+                       run.checkpoint, resume_path, accelerator.mixed_precision, time.time() - t0)
+
+# %% ../nbs/02a_train.ipynb #a34e2c32
 @torch.no_grad()
 def _same_start(model: nn.Module, device, everything: bool = False):
     "Give every process process 0's trainable weights (`everything`: all weights and buffers); DDP does this when it wraps the model, FSDP2 does not."
@@ -539,6 +799,18 @@ def _fsdp_whole_modules(model: nn.Module, device) -> list[nn.Module]:
     return [m for _, m in found]
 
 
+def _fsdp_prepare(model: nn.Module, accelerator: Accelerator) -> dict:
+    "Ready `model` for FSDP2's in-place sharding in `accelerator.prepare`; return the snapshot that undoes it later."
+    plugin = accelerator.state.fsdp_plugin
+    plugin.ignored_modules = _fsdp_whole_modules(model, accelerator.device) or None
+    # accelerate's loading of process 0's weights (cpu_ram_efficient_loading) resets parts FSDP leaves whole at every
+    # step (CLUB's q): with such parts, every process takes all of process 0's weights here instead
+    whole_start = plugin.ignored_modules is not None and plugin.cpu_ram_efficient_loading
+    if whole_start: plugin.cpu_ram_efficient_loading = False
+    if accelerator.num_processes > 1: _same_start(model, accelerator.device, everything=whole_start)  # e.g. LoRA drawn per process
+    return _module_snapshot(model)
+
+# %% ../nbs/02a_train.ipynb #39cd2474
 _HOOKS = re.compile(r'.*_hooks($|_)')  # nn.Module's hook dicts: _forward_pre_hooks, _forward_hooks_with_kwargs, ...
 
 
@@ -580,175 +852,3 @@ def _fsdp_to_plain(model: nn.Module, snapshot: dict, device=None) -> nn.Module:
             for i in added & set(vars(m).get(k, {})): del vars(m)[k][i]  # with its entries in the *_with_kwargs dicts
         _module_state_mapping.pop(m, None)  # so that a later `train` can shard this model again
     return model
-
-
-def _resume_from(config: TrainConfig, out: Path | None, accelerator: Accelerator) -> Path | None:
-    "The checkpoint to resume from (None = fresh); a fresh start in a used out_dir needs overwrite=True."
-    if config.resume == 'latest':
-        if out is None: raise ValueError("resume='latest' needs an out_dir to look in")
-        return latest_checkpoint(out)
-    if config.resume:
-        path = Path(config.resume)
-        if not (path/'trainer_state.json').is_file():
-            raise FileNotFoundError(f"resume={config.resume!r}: not a checkpoint folder (no trainer_state.json)")
-        return path
-    if out is not None and out.is_dir():
-        used = [p for p in out.iterdir() if p.name == 'history.jsonl' or CHECKPOINT_RE.match(p.name)
-                or p.name.startswith('.tmp-checkpoint-')]
-        if used and not config.overwrite:
-            raise FileExistsError(f"{out} already holds a training run ({sorted(p.name for p in used)[:3]}); pass "
-                                  "resume='latest' to continue it or overwrite=True to start over")
-        if used and accelerator.is_main_process:
-            for p in used: shutil.rmtree(p) if p.is_dir() else p.unlink()
-        _barrier(accelerator)
-    return None
-
-
-_LAYOUT = ('num_processes', 'batch_size', 'grad_accum_steps', 'seed', 'shuffle', 'steps_per_epoch', 'total_steps')
-
-
-def _check_layout(saved: dict, layout: dict, path) -> None:
-    "Warn when a resumed run's data layout differs from its checkpoint's, saying whether the batches stay the same."
-    changed = [f"{key}={layout[key]} (checkpoint: {saved.get(key)})" for key in _LAYOUT if saved.get(key) != layout[key]]
-    if not changed: return
-    # process r of P reads micro-batches r, r+P, ...: P x grad_accum_steps micro-batches make one step, in one order
-    group = lambda d: d.get('num_processes', 1) * d.get('grad_accum_steps', 1)
-    same_batches = group(saved) == group(layout) and all(saved.get(k) == layout[k] for k in _LAYOUT[3:] + ('batch_size',))
-    if same_batches:
-        warnings.warn(f"resuming {path} with {', '.join(changed)}: every step sees the same micro-batches in the same "
-                      "order (num_processes x grad_accum_steps is unchanged), but the random draws (dropout) of the "
-                      "processes follow other streams than in the saved run")
-    else: warnings.warn(f"resuming {path} with {', '.join(changed)}: the run is not an exact continuation")
-
-
-def train(model: nn.Module, train_dataset, collate_fn: Callable | None, loss_fn: Callable,
-          config: TrainConfig | None = None, val_dataset=None, params=None) -> TrainResult:
-    "Train `model` to minimise `loss_fn(model, batch)` over `train_dataset` as `config` says; see the text above."
-    config = config or TrainConfig()
-    _check_config(config)
-    t0 = time.time()
-    accelerator = _accelerator(resolve_mixed_precision(config.mixed_precision), config.find_unused_parameters)
-    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and accelerator.num_processes == 1:
-        raise RuntimeError(f"launched as one of WORLD_SIZE={os.environ['WORLD_SIZE']} processes, but accelerate sees a "
-                           "single process, so each would train alone into the same out_dir; without GPUs launch "
-                           "with ACCELERATE_USE_CPU=1 to train the processes together on the CPU")
-    main = accelerator.is_main_process
-    if accelerator.mixed_precision == 'fp16' and accelerator.device.type == 'cpu':
-        warnings.warn("mixed_precision='fp16' needs a GPU; on the CPU accelerate trains in fp32 (use 'bf16' or 'no')")
-    set_seed(config.seed)
-    out = Path(config.out_dir) if config.out_dir else None
-    resume_path = _resume_from(config, out, accelerator)
-    try: n_items = len(train_dataset)
-    except TypeError: raise TypeError("train_dataset must be a map-style dataset (len and integer indexing) so that "
-                                      "epochs can be ordered and resumed") from None
-    if config.gradient_checkpointing: _enable_gradient_checkpointing(model)
-    model.train()
-
-    # optimiser and data, then `accelerate` wraps them for the device, precision and processes
-    optimizer = torch.optim.AdamW(param_groups(model, params, config.weight_decay), lr=config.lr,
-                                  betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay)
-    sampler = EpochSampler(n_items, config.seed, config.shuffle)
-    worker_rng = torch.Generator()  # the loader's own generator: it never draws from the global one
-    train_dl = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_fn,
-                          num_workers=config.num_workers, generator=worker_rng)
-    fsdp = _is_fsdp(accelerator)
-    if fsdp:
-        plugin = accelerator.state.fsdp_plugin
-        plugin.ignored_modules = _fsdp_whole_modules(model, accelerator.device) or None
-        # accelerate's loading of process 0's weights (cpu_ram_efficient_loading) resets parts FSDP leaves whole at
-        # every step (measured: CLUB's q): with such parts, every process takes all of process 0's weights here instead
-        whole_start = plugin.ignored_modules is not None and plugin.cpu_ram_efficient_loading
-        if whole_start: plugin.cpu_ram_efficient_loading = False
-        if accelerator.num_processes > 1: _same_start(model, accelerator.device, everything=whole_start)  # e.g. LoRA drawn per process
-    before = _module_snapshot(model) if fsdp else None  # FSDP2 shards `model` in place; undone when training ends
-    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-    val_dl = val_weights = None
-    if val_dataset is not None:  # sharded here, not by accelerate: see "Validation loss"
-        val_batches, val_weights = validation_batches(len(val_dataset), config.eval_batch_size or config.batch_size,
-                                                      accelerator.process_index, accelerator.num_processes)
-        val_dl = DataLoader(val_dataset, batch_sampler=val_batches, collate_fn=collate_fn, num_workers=config.num_workers)
-
-    # the schedule counts optimiser steps; it is stepped by hand, once per step, on every process
-    n_batches, k = len(train_dl), config.grad_accum_steps
-    if n_batches == 0: raise ValueError("train_dataset gives no batches")
-    steps_per_epoch = math.ceil(n_batches / k)
-    total = config.epochs * steps_per_epoch
-    if config.max_steps: total = min(total, config.max_steps)
-    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, WarmupSchedule(warmup, total, config.schedule))
-    layout = dict(num_processes=accelerator.num_processes, batch_size=config.batch_size, grad_accum_steps=k,
-                  seed=config.seed, shuffle=config.shuffle, steps_per_epoch=steps_per_epoch, total_steps=total)
-
-    step, history, checkpoint = 0, [], None
-    if resume_path is not None:
-        saved = load_checkpoint(resume_path, accelerator.unwrap_model(model), optimizer, scheduler, accelerator)
-        step, checkpoint = saved['step'], resume_path
-        history = [r for r in saved.get('history', []) if r['step'] <= step]
-        _check_layout(saved, layout, resume_path)
-    if out is not None and main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out/'config.json', asdict(config))
-        atomic_write(lambda p: p.write_text(''.join(json.dumps(r) + '\n' for r in history)), out/'history.jsonl')
-
-    trainable = [p for g in optimizer.param_groups for p in g['params']]
-    bar = tqdm(total=total, initial=step, desc='train', disable=not (config.progress and main), mininterval=0.5)
-    recent = deque(maxlen=config.log_every)  # display only: the running loss on the bar
-    try:
-        while step < total:
-            epoch, window = divmod(step, steps_per_epoch)
-            sampler.epoch = epoch
-            worker_rng.manual_seed(config.seed * 1_000_003 + epoch)
-            skip = window * k  # micro-batches of this epoch already consumed (on resume)
-            batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-            sums = {}
-            for i, batch in enumerate(batches, start=skip):
-                size = min(k, n_batches - (i // k) * k)  # micro-batches in this window
-                last = (i + 1) % k == 0 or i + 1 == n_batches
-                where = f"step {step + 1}, epoch {epoch}, micro-batch {i}"
-                with (contextlib.nullcontext() if last else accelerator.no_sync(model)):
-                    with accelerator.autocast():
-                        loss, terms = _loss_terms(loss_fn(model, batch), where)
-                    if not torch.isfinite(loss.detach()):
-                        raise FloatingPointError(f"the loss is {loss.item()} at {where}")
-                    if not loss.requires_grad:
-                        raise ValueError(f"the loss does not depend on any trainable parameter ({where})")
-                    accelerator.backward(loss / size)
-                for name, v in {'loss': loss, **terms}.items(): sums[name] = sums.get(name, 0.0) + _as_float(v) / size
-                if not last: continue
-
-                if fsdp:  # accelerate's clip_grad_norm_ compares `trainable` with the model's parameters element-wise,
-                    accelerator.unscale_gradients()  # which fails on sharded ones of other shapes (full fine-tuning)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
-                    if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()  # a DTensor of the shards' parts
-                else: grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
-                lr = optimizer.param_groups[0]['lr']
-                optimizer.step()
-                if not optimizer.step_was_skipped: scheduler.step()  # fp16 skips steps whose gradient overflowed
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                recent.append(sums['loss'])
-                bar.update(1); bar.set_postfix(loss=f"{sum(recent) / len(recent):.4g}", refresh=False)
-
-                row = {}
-                if step % config.log_every == 0 or step == total:
-                    row.update(_mean_over_processes(sums, accelerator))
-                    row.update(lr=lr, grad_norm=_as_float(grad_norm))
-                if val_dl is not None and ((config.eval_every and step % config.eval_every == 0) or step == total):
-                    row.update(validation_loss(model, val_dl, loss_fn, accelerator, val_weights))
-                if row:
-                    row = dict(step=step, epoch=round(step / steps_per_epoch, 6), **row)
-                    history.append(row)
-                    if out is not None and main:
-                        with open(out/'history.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-                if out is not None and ((config.save_every and step % config.save_every == 0) or step == total):
-                    checkpoint = save_checkpoint(out/f'checkpoint-{step}', accelerator.unwrap_model(model), optimizer,
-                                                 scheduler, step, dict(layout, history=history, config=asdict(config)),
-                                                 accelerator)
-                    if main: prune_checkpoints(out, config.keep_checkpoints)
-                    _barrier(accelerator)
-                sums = {}
-                if step >= total: break
-    finally: bar.close()
-    if fsdp: _fsdp_to_plain(model, before, accelerator.device)  # the whole weights, as ordinary tensors, in every process
-    return TrainResult(accelerator.unwrap_model(model, keep_fp32_wrapper=False), history, step, total, checkpoint,
-                       resume_path, accelerator.mixed_precision, time.time() - t0)
