@@ -18,17 +18,18 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.patches import Rectangle
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from .metrics import target_ranks
 from .msbr import load_msbr
-from .artifacts import atomic_write, stage_folder
+from . import baselines
+from .artifacts import (FITTED_ON_THE_FLY, MODELS, STAGE_TENSORS, atomic_write, feature_stage, model_folder,
+                           stage_folder, stage_tensors)
 from .preprocess import Prepared, Samples, collate_prefixes, load_image, prefix_loader, rows_in_index_order
 
 # %% auto #0
-__all__ = ['KINDS', 'RUN_MODELS', 'NOT_SAVED', 'GREEN', 'RED', 'CaseConfig', 'run_features', 'load_run_models', 'case_sample',
-           'rank_table', 'pick_cases', 'case_data', 'case_figure', 'case_browser', 'plot_run_cases']
+__all__ = ['KINDS', 'GREEN', 'RED', 'CaseConfig', 'run_features', 'load_run_models', 'case_sample', 'rank_table', 'pick_cases',
+           'case_data', 'case_figure', 'case_browser', 'plot_run_cases']
 
 # %% ../nbs/11_case_studies.ipynb #5fa8a386
 KINDS = {
@@ -75,23 +76,8 @@ class CaseConfig:
     def kind_list(self) -> list[str]: return [k.strip() for k in self.kinds.split(',') if k.strip()]
 
 # %% ../nbs/11_case_studies.ipynb #7dbe71ba
-# tpad run's row keys -> (display name, the stage whose `features` the row was trained with; None = ID only;
-# 'plain' = the plain pre-trained features in the run's cache)
-RUN_MODELS = {
-    'gru4rec': ('GRU4Rec', None), 'srgnn': ('SR-GNN', None), 'sasrec': ('SASRec', None),
-    'msbr_plain': ('MSBR + plain pre-trained features', 'plain'),
-    'msbr_knowledge': ('MSBR + Knowledge-MLLM features (Stage 1)', 'stage1'),
-    'msbr_transfer': ('MSBR + Transfer-MLLM features (Stage 2a)', 'stage2'),
-    'tpad': ('TPAD', 'align-full'), 'tpad_no_mi': ('TPAD w/o MI alignment', 'align-no_mi'),
-    'tpad_no_disentangle': ('TPAD w/o disentanglement', 'align-no_disentangle'),
-    'tpad_no_gen': ('TPAD w/o generation task', 'align-no_gen'),
-}
-NOT_SAVED = {'pop': 'Pop', 'item_knn': 'item-kNN', 'sknn': 'S-kNN'}
-
-
 def _run_plain_features(run_dir: Path, items: pd.DataFrame) -> Tensor:
     "The run's plain pre-trained features: its cache `cache/plain`, with the plain-encoder settings of its config.json."
-    from tpad import baselines
     config_file = run_dir / 'config.json'
     if not config_file.is_file(): raise FileNotFoundError(f'{config_file}: no such file; the plain features need the settings of the run')
     saved = json.loads(config_file.read_text()).get('plain') or {}
@@ -102,14 +88,11 @@ def _run_plain_features(run_dir: Path, items: pd.DataFrame) -> Tensor:
 def run_features(run_dir, stage: str, items: pd.DataFrame, prepared: Prepared, seed: int = 0) -> Tensor:
     "The `features` of stage `stage` (or 'plain') of a `tpad run` folder, in `prepared`'s item-index order (as `tpad run` trains on them)."
     if stage == 'plain': return rows_in_index_order(_run_plain_features(Path(run_dir), items), items, prepared)
-    folder = stage_folder(run_dir, stage, seed)
-    data, seal = folder / 'outputs.safetensors', folder / 'stage.json'
-    if not data.is_file(): raise FileNotFoundError(f'{data}: no such file; the run did not produce stage {stage!r}')
-    if not seal.is_file(): raise FileNotFoundError(f'{seal}: no such file; stage {stage!r} did not finish, its outputs are not trusted')
-    with safe_open(str(data), framework='pt') as f:
-        if 'features' not in f.keys(): raise KeyError(f"{data} holds no tensor 'features' (it has {sorted(f.keys())[:5]}...)")
-        features = f.get_tensor('features')
-    return rows_in_index_order(features, items, prepared)
+    tensors = stage_tensors(run_dir, stage, seed)
+    if 'features' not in tensors:
+        where = stage_folder(run_dir, stage, seed) / STAGE_TENSORS
+        raise KeyError(f"{where} holds no tensor 'features' (it has {sorted(tensors)[:5]}...)")
+    return rows_in_index_order(tensors['features'], items, prepared)
 
 
 def load_run_models(run_dir, prepared: Prepared, items: pd.DataFrame, keys=('srgnn', 'tpad'), seed: int = 0) -> dict:
@@ -120,11 +103,14 @@ def load_run_models(run_dir, prepared: Prepared, items: pd.DataFrame, keys=('srg
     if not keys: raise ValueError('load_run_models: no keys given')
     models, features = {}, {}
     for key in keys:
-        if key in NOT_SAVED: raise ValueError(f"{key!r} ({NOT_SAVED[key]}) is not a saved neural model: tpad run fits it on the fly; "
-                                               f"build it from tpad.baselines and call .fit(prepared)")
-        if key not in RUN_MODELS: raise ValueError(f'unknown model key {key!r}; saved models have keys {list(RUN_MODELS)}')
-        name, stage = RUN_MODELS[key]
-        folder = run_dir / 'models' / f'{key}-seed{seed}'
+        if key in FITTED_ON_THE_FLY:
+            raise ValueError(f"{key!r} ({MODELS[key][0]}) is not a saved neural model: tpad run fits it on the fly; "
+                             f"build it from tpad.baselines and call .fit(prepared)")
+        if key not in MODELS:
+            raise ValueError(f'unknown model key {key!r}; saved models have keys {[k for k in MODELS if k not in FITTED_ON_THE_FLY]}')
+        name, features_name = MODELS[key]
+        stage = None if features_name is None else feature_stage(features_name)
+        folder = model_folder(run_dir, key, seed)
         if not (folder / 'model.json').is_file():
             saved = sorted(p.name for p in (run_dir / 'models').glob('*-seed*')) if (run_dir / 'models').is_dir() else []
             raise FileNotFoundError(f'{folder / "model.json"}: no saved model for {key!r} with seed {seed} in this run '
@@ -167,7 +153,7 @@ def _scores(model, batch: dict, n_items: int) -> Tensor:
                          f'[{len(batch["targets"])}, {n_items}] (column j = item index j + 1)')
     return scores.float().cpu()
 
-
+# %% ../nbs/11_case_studies.ipynb #0fb2db1e
 def _parts(prepared: Prepared, split: str) -> tuple[Samples, Samples | None]:
     if split not in prepared.samples: raise KeyError(f'no split {split!r}; splits: {list(prepared.samples)}')
     cold = prepared.cold.get(split)
@@ -188,7 +174,7 @@ def case_sample(prepared: Prepared, sample: int, split: str = 'test') -> dict:
     return dict(sample=int(sample), split=split, cold=bool(sample >= n_std), session_id=source.session_ids[i],
                 prefix=np.asarray(prefix, dtype=np.int64), target=int(target))
 
-
+# %% ../nbs/11_case_studies.ipynb #c3028c9c
 def _catalogue(prepared: Prepared, items: pd.DataFrame | None = None) -> pd.DataFrame:
     "title, image, has_image per item index 1..N, from `items` (the dataset's item table) or the catalogue itself."
     if items is None: table = prepared.items
@@ -317,7 +303,7 @@ def case_data(prepared: Prepared, models: dict, sample: int, split: str = 'test'
     return dict(s, item_id=prepared.item_ids[s['target']], train_clicks=int(prepared.train_counts[s['target']]),
                 n_items=prepared.n_items, k=k, models=out)
 
-
+# %% ../nbs/11_case_studies.ipynb #3d89986e
 @lru_cache(maxsize=2048)
 def _thumbnail(path: str | None, size: int) -> tuple[np.ndarray, str]:
     "The item image as a size x size RGB array and 'ok', or the grey placeholder and why ('no_path', 'missing', 'corrupt')."
@@ -350,7 +336,7 @@ def _tile(ax, cat: pd.DataFrame, item: int, head: str, c: CaseConfig, frame: str
     if frame: ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, lw=3, ec=frame, clip_on=False))
     if statuses is not None: statuses[item] = status
 
-
+# %% ../nbs/11_case_studies.ipynb #f47bc433
 def case_figure(prepared: Prepared, models: dict, sample: int, split: str | None = None, names=None,
                 config: CaseConfig | None = None, items: pd.DataFrame | None = None, why: str = '') -> plt.Figure:
     "One sample: its prefix as an image strip, the true next item, and each model's top-k with rank and score, the true item highlighted."

@@ -16,10 +16,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
-from .artifacts import atomic_write, stage_folder
+from .artifacts import STAGE_TENSORS, atomic_write, stage_folder, stage_tensors
 from .mi import MMD
 
 # %% auto #0
@@ -211,7 +210,7 @@ def _numbers_table(ax, numbers: pd.DataFrame, k: int, top: float):
             f"of the {k} nearest neighbours in common\n(chance {k / max(n - 1, 1):.3f}). MMD and cosine need one width (—).")
     ax.text(0.0, top - 0.47, note, fontsize=7.5, va='top', transform=ax.transAxes, linespacing=1.4)
 
-
+# %% ../nbs/10_viz_alignment.ipynb #236187b8
 def alignment_figure(coords: pd.DataFrame, categories=None, numbers: pd.DataFrame | None = None,
                      config: VizConfig | None = None, k: int | None = None) -> plt.Figure:
     "Before | after panels of a `joint_umap` map, coloured by source (and by category, second row), the numbers beside."
@@ -253,7 +252,7 @@ def alignment_figure(coords: pd.DataFrame, categories=None, numbers: pd.DataFram
     fig.tight_layout()
     return fig
 
-
+# %% ../nbs/10_viz_alignment.ipynb #6abadc9f
 def save_alignment_figures(out_dir, fig: plt.Figure, numbers: pd.DataFrame | None = None, name: str = 'alignment',
                            dpi: int = 120) -> list[Path]:
     "Write `fig` as `out_dir/name.png` and the numbers as `out_dir/name.json`, each atomically; the paths written."
@@ -280,21 +279,13 @@ def plot_alignment(h_K, h_T, z_sh, t, categories=None, out_dir=None, init: tuple
     return fig, numbers
 
 # %% ../nbs/10_viz_alignment.ipynb #a6fad529
-def _stage_tensors(run_dir: Path, name: str, seed: int = 0) -> dict:
-    folder = stage_folder(run_dir, name, seed)
-    seal, data = folder / 'stage.json', folder / 'outputs.safetensors'
-    if not data.exists(): raise FileNotFoundError(f'{data} does not exist: run_dir must be a `tpad run` output folder whose stage {name!r} ran')
-    if not seal.exists(): raise FileNotFoundError(f'{folder} has no stage.json: stage {name!r} did not finish, its outputs are not trusted')
-    return load_file(str(data))
-
-
 def alignment_from_run(run_dir, items: pd.DataFrame, variant: str = 'full', seed: int = 0) -> dict:
     "h_K, h_T, z_sh, t (and init, categories) of a `tpad run` folder (pipeline seed `seed`), ready for `plot_alignment(**...)`."
     run_dir = Path(run_dir)
-    h_K = _stage_tensors(run_dir, 'stage1', seed)['features']
-    h_T = _stage_tensors(run_dir, 'stage2', seed)['features']
-    aligned = _stage_tensors(run_dir, f'align-{variant}', seed)
-    where = stage_folder(run_dir, f'align-{variant}', seed) / 'outputs.safetensors'
+    h_K = stage_tensors(run_dir, 'stage1', seed)['features']
+    h_T = stage_tensors(run_dir, 'stage2', seed)['features']
+    aligned = stage_tensors(run_dir, f'align-{variant}', seed)
+    where = stage_folder(run_dir, f'align-{variant}', seed) / STAGE_TENSORS
     if 't' not in aligned:
         raise KeyError(f"{where} holds no tensor 't' (g(h^T), the teacher side after alignment; it has "
                        f"{sorted(aligned)}): this run's Stage 2b did not save it. Delete {where.parent} and run again "
