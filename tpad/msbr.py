@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,10 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .artifacts import atomic_write
+from .artifacts import isolated_rng, load_sealed, save_sealed, tensor_hash
 from .metrics import StreamingEvaluator, streaming_target_ranks, target_ranks, metrics_from_ranks
 from .preprocess import Prepared, Samples, collate_prefixes, prefix_loader
 
@@ -147,11 +144,9 @@ def _as_features(features, n_items: int) -> Tensor:
 
 def features_hash(features: Tensor | None) -> str | None:
     "A short sha256 of a feature matrix (shape and bytes), to check a checkpoint is loaded with its features."
-    if features is None: return None
-    f = features.detach().float().contiguous().cpu()
-    return hashlib.sha256(str(tuple(f.shape)).encode() + f.numpy().tobytes()).hexdigest()[:16]
+    return None if features is None else tensor_hash(features)
 
-
+# %% ../nbs/07_msbr.ipynb #6cdd5525
 class ItemEmbeddings(nn.Module):
     "The item table e_v = ID_v (+) W f_v, [N + 1, dim] with a zero row 0 for padding."
     def __init__(self, n_items: int, config: MSBRConfig, features=None):
@@ -233,7 +228,7 @@ class SRGNNEncoder(nn.Module):
         s_g = seq.new_zeros(last.shape).index_add(0, g['row'], alpha * seq)
         return self.linear_transform(torch.cat([s_g, last], 1))
 
-
+# %% ../nbs/07_msbr.ipynb #7ea88fda
 class _PackedGRU(torch.autograd.Function):
     "nn.GRU's recurrence over a packed batch, last states only, with a hand-written backward: per step one matmul and a few elementwise ops."
     @staticmethod
@@ -286,7 +281,22 @@ class GRUEncoder(nn.Module):
         h = _PackedGRU.apply(gi, self.gru.weight_hh_l0, self.gru.bias_hh_l0, packed.batch_sizes.tolist())
         return h[packed.unsorted_indices.to(h.device)]  # the state after each row's last click, in the batch's order
 
+# %% ../nbs/07_msbr.ipynb #7b0decc8
+def _length_groups(lengths: Tensor) -> tuple[list, Tensor]:
+    "Rows by length (1, 2, up to 4, up to 8, ... clicks): per group the [rows, width] click index of its padded block and which are real; the inverse order."
+    start = torch.cumsum(lengths, 0) - lengths
+    bounds = 2 ** torch.arange(int(lengths.max()).bit_length() + 1, device=lengths.device)
+    group = torch.bucketize(lengths, bounds)
+    blocks = []
+    for g in torch.unique(group).tolist():
+        rows = (group == g).nonzero().squeeze(1)
+        n = lengths[rows, None]
+        pos = torch.arange(int(n.max()), device=lengths.device)
+        blocks.append((start[rows, None] + torch.minimum(pos, n - 1), pos < n))  # padding repeats the last click
+    order = torch.cat([index[real] for index, real in blocks])
+    return blocks, torch.argsort(order)
 
+# %% ../nbs/07_msbr.ipynb #4a86155a
 class SASRecEncoder(nn.Module):
     "SASRec (Kang & McAuley 2018): learned positions, causal pre-norm self-attention blocks, the last position."
     def __init__(self, dim: int, heads: int = 1, layers: int = 2, max_length: int = 50, dropout: float = 0.0):
@@ -313,28 +323,13 @@ class SASRecEncoder(nn.Module):
             items = items.gather(1, idx) * mask
         row, col = mask.nonzero(as_tuple=True)               # the real clicks, row by row: [T]
         x = self.drop(table[items[row, col]] * math.sqrt(self.dim) + self.pos(lengths[row] - 1 - col))  # 0 = the last click
-        groups = self._length_groups(lengths)
+        groups = _length_groups(lengths)
         for norm, attn, fnorm, ffn in zip(self.attn_norms, self.attns, self.ffn_norms, self.ffns):
             q = norm(x)
             x = q + self._attention(attn, q, x, groups)
             x = fnorm(x)
             x = x + ffn(x)
         return self.last_norm(x[torch.cumsum(lengths, 0) - 1])
-
-    @staticmethod
-    def _length_groups(lengths: Tensor) -> tuple[list, Tensor]:
-        "Rows by length (1, 2, up to 4, up to 8, ... clicks): per group the [rows, width] click index of its padded block and which are real; the inverse order."
-        start = torch.cumsum(lengths, 0) - lengths
-        bounds = 2 ** torch.arange(int(lengths.max()).bit_length() + 1, device=lengths.device)
-        group = torch.bucketize(lengths, bounds)
-        blocks = []
-        for g in torch.unique(group).tolist():
-            rows = (group == g).nonzero().squeeze(1)
-            n = lengths[rows, None]
-            pos = torch.arange(int(n.max()), device=lengths.device)
-            blocks.append((start[rows, None] + torch.minimum(pos, n - 1), pos < n))  # padding repeats the last click
-        order = torch.cat([index[real] for index, real in blocks])
-        return blocks, torch.argsort(order)
 
     def _attention(self, attn: nn.MultiheadAttention, q: Tensor, kv: Tensor, groups: tuple) -> Tensor:
         "`attn`'s causal attention (its weights and maths) on the real clicks [T, dim], a padded block per length group."
@@ -430,6 +425,7 @@ class PrefixBatches:
 
 # %% ../nbs/07_msbr.ipynb #c63371d9
 def _device_of(model) -> torch.device:
+    "Where `model`'s weights live (the CPU for a model without any)."
     if isinstance(model, nn.Module):
         for t in model.parameters(): return t.device
         for t in model.buffers(): return t.device
@@ -437,6 +433,7 @@ def _device_of(model) -> torch.device:
 
 
 def _to(batch: dict, device) -> dict:
+    "`batch` with its tensors on `device`."
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
@@ -474,7 +471,7 @@ def score_samples(model: Callable, samples: Samples, ks=(5, 10, 20), batch_size:
         if training: model.train()
     return ev.compute()
 
-
+# %% ../nbs/07_msbr.ipynb #61f977a2
 def evaluate_model(model: Callable, prepared: Prepared, split: str = 'test', ks=(5, 10, 20), batch_size: int = 500,
                    item_chunk: int = 0, ranks: bool = False) -> dict:
     "Full-catalogue metrics of any recommender on a split: 'overall' (standard protocol), 'cold' (unseen targets), 'n'; with `ranks`, each sample's target rank too."
@@ -542,21 +539,15 @@ def _train_subset(samples: Samples, n: int) -> Samples:
     if not n or n >= len(samples): return samples
     return samples.subset(np.sort(np.random.default_rng(0).choice(len(samples), n, replace=False)))
 
-
+# %% ../nbs/07_msbr.ipynb #1aecfdc3
 def save_model(out_dir, model: nn.Module, info: dict) -> Path:
     "Write `model`'s weights (safetensors) and `info` + its config (JSON, the seal, written last) into `out_dir`."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    sidecar = out / 'model.json'
-    if sidecar.exists(): sidecar.unlink()  # no seal while the weights change
-    weights = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in model.state_dict().items()}
-    atomic_write(lambda p: save_file(weights, str(p), metadata={'format': 'pt'}), out / 'model.safetensors')
+    features = getattr(model, 'features', None)
     meta = dict(model=type(model).__name__, n_items=getattr(model, 'n_items', None),
                 config=asdict(model.config) if dataclasses.is_dataclass(getattr(model, 'config', None)) else None,
-                features_hash=features_hash(getattr(model, 'features', None)),
-                features_shape=list(model.features.shape) if getattr(model, 'features', None) is not None else None,
+                features_hash=features_hash(features), features_shape=None if features is None else list(features.shape),
                 **info)
-    atomic_write(lambda p: p.write_text(json.dumps(meta, indent=1, default=str)), sidecar)
-    return out / 'model.safetensors'
+    return save_sealed(Path(out_dir) / 'model.safetensors', model.state_dict(), meta, metadata={'format': 'pt'})
 
 
 def load_msbr(out_dir, features=None) -> MSBR:
@@ -564,20 +555,21 @@ def load_msbr(out_dir, features=None) -> MSBR:
     out = Path(out_dir)
     if not (out / 'model.json').is_file():
         raise FileNotFoundError(f"{out}: no model.json (no checkpoint here, or it was not completed)")
-    meta = json.loads((out / 'model.json').read_text())
+    sealed = load_sealed(out / 'model.safetensors')
+    if sealed is None: raise FileNotFoundError(f"{out}: model.json but no model.safetensors (the checkpoint is incomplete)")
+    weights, meta = sealed
     if meta.get('model') != 'MSBR': raise ValueError(f"{out}: holds a {meta.get('model')}, not an MSBR")
     given = None if features is None else _as_features(features, meta['n_items'])
     if features_hash(given) != meta['features_hash']:
         raise ValueError(f"{out}: the model was trained with features {meta['features_shape']} (hash "
                          f"{meta['features_hash']}), got {None if given is None else list(given.shape)} (hash {features_hash(given)})")
     model = MSBR(meta['n_items'], MSBRConfig(**meta['config']), given)
-    model.load_state_dict(load_file(str(out / 'model.safetensors')))
+    model.load_state_dict(weights)
     return model.eval()
 
-
-def fit(model: nn.Module, prepared: Prepared, config: FitConfig | None = None) -> FitResult:
-    "Train `model` on the train split; early stopping on validation MRR@20; the best weights are restored."
-    c = check_fit_config(config or FitConfig())
+# %% ../nbs/07_msbr.ipynb #d95ef620
+def _fit_inputs(model: nn.Module, prepared: Prepared, c: FitConfig) -> tuple[Samples, Samples, list]:
+    "The validation samples, training samples and trainable parameters `fit` uses; raise on what it cannot train."
     if not isinstance(model, nn.Module):
         raise TypeError(f"fit trains torch modules; a {type(model).__name__} is not one (non-neural models use .fit(prepared))")
     valid = prepared.samples.get('valid')
@@ -588,32 +580,45 @@ def fit(model: nn.Module, prepared: Prepared, config: FitConfig | None = None) -
     if not len(train): raise ValueError(f"{prepared.name}: no training samples")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params: raise ValueError(f"{type(model).__name__} has no trainable parameters; non-neural models use .fit(prepared)")
+    return valid, train, params
+
+
+def _train_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device, unseen: Tensor | None) -> float:
+    "One pass over `loader`: an optimiser step per batch on the full-catalogue cross-entropy; the mean training loss."
+    total, n = 0.0, 0
+    model.train()
+    for batch in loader:
+        batch = _to(batch, device)
+        scores = model(batch)
+        if unseen is not None: scores = scores.masked_fill(unseen, float('-inf'))  # targets are always seen items
+        loss = F.cross_entropy(scores, batch['targets'] - 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total, n = total + float(loss.detach()) * len(batch['targets']), n + len(batch['targets'])
+    return total / n
+
+# %% ../nbs/07_msbr.ipynb #a8bd8170
+def fit(model: nn.Module, prepared: Prepared, config: FitConfig | None = None) -> FitResult:
+    "Train `model` on the train split; early stopping on validation MRR@20; the best weights are restored."
+    c = check_fit_config(config or FitConfig())
+    valid, train, params = _fit_inputs(model, prepared, c)
     device, t_start = _device_of(model), time.perf_counter()
     if hasattr(model, 'set_seen_items'): model.set_seen_items(prepared.train_counts[1:] > 0)
     unseen = torch.as_tensor(prepared.train_counts[1:] == 0, device=device) if c.negatives == 'seen' else None
     history, best, best_state, best_epoch, bad, checkpoint = [], -1.0, None, 0, 0, None
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        torch.manual_seed(c.seed)
+    # isolated_rng gives back the caller's CPU generator; fork_rng also gives back the CUDA one
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), isolated_rng(c.seed):
         opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.l2)
         sched = torch.optim.lr_scheduler.StepLR(opt, c.lr_step, c.lr_gamma) if c.lr_step else None
         loader = PrefixBatches(train, batch_size=c.batch_size, shuffle=True, seed=c.seed)  # prefix_loader's batches, faster
         stopped = 'epochs'
         for epoch in range(1, c.epochs + 1):
-            t0, total, n = time.perf_counter(), 0.0, 0
-            lr = opt.param_groups[0]['lr']
-            model.train()
-            for batch in loader:
-                batch = _to(batch, device)
-                scores = model(batch)
-                if unseen is not None: scores = scores.masked_fill(unseen, float('-inf'))  # targets are always seen items
-                loss = F.cross_entropy(scores, batch['targets'] - 1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, n = total + float(loss.detach()) * len(batch['targets']), n + len(batch['targets'])
+            t0, lr = time.perf_counter(), opt.param_groups[0]['lr']
+            loss = _train_epoch(model, loader, opt, device, unseen)
             if sched is not None: sched.step()
             metrics = score_samples(model, valid, (5, 10, 20), c.eval_batch_size, getattr(model, 'n_items', None))
-            row = dict(epoch=epoch, lr=lr, loss=total / n, seconds=time.perf_counter() - t0,
+            row = dict(epoch=epoch, lr=lr, loss=loss, seconds=time.perf_counter() - t0,
                        **{f'valid {k}': v for k, v in metrics.items()})
             history.append(row)
             improved = metrics['MRR@20'] > best
@@ -632,37 +637,40 @@ def fit(model: nn.Module, prepared: Prepared, config: FitConfig | None = None) -
                 break
     model.load_state_dict(best_state)
     model.eval()
-    hist = pd.DataFrame(history)
     best_metrics = {k[len('valid '):]: v for k, v in history[best_epoch - 1].items() if k.startswith('valid ')}
     if c.out_dir:  # the final JSON: the whole history, and the reason training stopped
         checkpoint = save_model(c.out_dir, model, dict(fit_config=asdict(c), best_epoch=best_epoch, valid=best_metrics,
                                                        history=history, stopped=stopped, complete=True))
-    return FitResult(model, hist, best_epoch, best_metrics, stopped, time.perf_counter() - t_start, checkpoint)
+    return FitResult(model, pd.DataFrame(history), best_epoch, best_metrics, stopped, time.perf_counter() - t_start, checkpoint)
 
 # %% ../nbs/07_msbr.ipynb #ca6e38a0
+def _seed_row(make_model: Callable, prepared: Prepared, seed: int, base: FitConfig, ks) -> dict:
+    "Build, train and score the recommender of one seed: its row of `seed_runs`."
+    t0 = time.perf_counter()
+    model = make_model(seed)
+    if isinstance(model, nn.Module) and any(p.requires_grad for p in model.parameters()):
+        out = str(Path(base.out_dir) / f'seed{seed}') if base.out_dir else ''
+        res = fit(model, prepared, dataclasses.replace(base, seed=seed, out_dir=out))
+        info = dict(epochs=len(res.history), best_epoch=res.best_epoch)
+    elif hasattr(model, 'fit'):
+        model = model.fit(prepared) or model
+        info = dict(epochs=0, best_epoch=0)
+    else: raise TypeError(f"make_model returned a {type(model).__name__}: neither a torch module with parameters "
+                          f"nor an object with .fit(prepared)")
+    fit_s = time.perf_counter() - t0
+    valid = evaluate_model(model, prepared, 'valid', ks)
+    test = evaluate_model(model, prepared, 'test', ks)
+    cold = test['cold'] or {k: float('nan') for k in test['overall']}
+    return dict(seed=seed, **info, fit_s=fit_s, **{f'valid {k}': v for k, v in valid['overall'].items()},
+                **{f'test {k}': v for k, v in test['overall'].items()}, **{f'cold {k}': v for k, v in cold.items()})
+
+
 def seed_runs(make_model: Callable, prepared: Prepared, seeds=(0, 1, 2), fit_config: FitConfig | None = None,
               ks=(5, 10, 20)) -> pd.DataFrame:
     "Train and score one recommender per seed; one row per seed: valid, test and cold-start test metrics."
     base, rows = fit_config or FitConfig(), []
     for seed in seeds:
-        t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        model = make_model(seed)
-        if isinstance(model, nn.Module) and any(p.requires_grad for p in model.parameters()):
-            out = str(Path(base.out_dir) / f'seed{seed}') if base.out_dir else ''
-            res = fit(model, prepared, dataclasses.replace(base, seed=seed, out_dir=out))
-            info = dict(epochs=len(res.history), best_epoch=res.best_epoch)
-        elif hasattr(model, 'fit'):
-            model = model.fit(prepared) or model
-            info = dict(epochs=0, best_epoch=0)
-        else: raise TypeError(f"make_model returned a {type(model).__name__}: neither a torch module with parameters "
-                              f"nor an object with .fit(prepared)")
-        fit_s = time.perf_counter() - t0
-        valid = evaluate_model(model, prepared, 'valid', ks)
-        test = evaluate_model(model, prepared, 'test', ks)
-        cold = test['cold'] or {k: float('nan') for k in test['overall']}
-        rows.append(dict(seed=seed, **info, fit_s=fit_s, **{f'valid {k}': v for k, v in valid['overall'].items()},
-                         **{f'test {k}': v for k, v in test['overall'].items()}, **{f'cold {k}': v for k, v in cold.items()}))
+        with isolated_rng(seed): rows.append(_seed_row(make_model, prepared, seed, base, ks))
     return pd.DataFrame(rows)
 
 
