@@ -5,10 +5,6 @@
 # %% ../nbs/06_alignment.ipynb #3f7ef190
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -17,19 +13,19 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .artifacts import atomic_write
+from .artifacts import isolated_rng, save_features, tensor_hash, write_csv
 from .data import Report
 from .mi import CLUB, MINE, MMD, NWJ, InfoNCE, channel_mi_ceiling, fit_estimator
-from .mllm import (MLLMConfig, all_gather_rows, hidden_size, enable_gradient_checkpointing, generation_loss, pool, process_layout,
-                       readout, use_adapter, wait_for_everyone)
-from .stage1 import (KnowledgeData, KnowledgeTarget, Stage1Config, adapter_hash, cached_item_features,
-                         check_knowledge_target, feature_key, save_features, tiny_stage1_config)
-from .train import TrainConfig, TrainResult, history_frame, train
+from .mllm import (MLLMConfig, all_gather_rows, enable_gradient_checkpointing, generation_loss, hidden_size,
+                       last_hidden_states, model_inputs, pool, process_layout, readout, use_adapter, wait_for_everyone)
+from .stage1 import (KnowledgeData, KnowledgeTarget, Stage1Config, cached_item_features, check_knowledge_target,
+                         feature_key, tiny_stage1_config)
+from .train import TrainConfig, TrainResult, train
 
 # %% auto #0
 __all__ = ['ESTIMATORS', 'SCHEDULES', 'ABLATIONS', 'TERMS', 'AlignConfig', 'ablation', 'tiny_align_config', 'head', 'channel',
-           'AlignModel', 'AlignData', 'AlignLoss', 'fit_q', 'heads_output', 'alignment_metrics', 'generation_target',
-           'align', 'unified_features', 'AlignResult', 'stage2b']
+           'AlignModel', 'AlignData', 'fit_q', 'add_noise', 'club_across_processes', 'AlignLoss', 'heads_output',
+           'alignment_metrics', 'generation_target', 'align', 'unified_features', 'AlignResult', 'stage2b']
 
 # %% ../nbs/06_alignment.ipynb #83a163af
 ESTIMATORS = ('infonce', 'nwj', 'mine')
@@ -87,7 +83,7 @@ class AlignConfig:
         return Stage1Config(mllm=self.mllm, target_field=self.target_field, target_sentences=self.target_sentences,
                             answer_field=self.answer_field, max_target_tokens=self.max_target_tokens)
 
-
+# %% ../nbs/06_alignment.ipynb #90c075e9
 ABLATIONS = {'full': {}, 'no_mi': dict(beta=0.0, delta=0.0), 'no_disentangle': dict(heads='one', gamma=0.0),
              'no_gen': dict(alpha=0.0)}
 
@@ -134,15 +130,15 @@ class AlignModel(nn.Module):
         super().__init__()
         self.mllm, self.config = mllm, config
         d_K, d_T = hidden_size(mllm), h_T.shape[1]
-        torch.manual_seed(config.seed)
-        self.f_sh = head(d_K, config.head_hidden, config.dim)
-        self.f_sp = head(d_K, config.head_hidden, config.dim) if config.heads == 'two' else None
-        self.g = head(d_T, config.head_hidden, config.dim)
-        self.estimator = _estimator(config)
-        self.club = CLUB(config.dim, config.dim, hidden=config.club_hidden, sampled=config.club_sampled) if self.f_sp else None
-        width = config.dim * (2 if self.f_sp is not None else 1)
-        self.decoder = (None if not config.rec else nn.Linear(width, d_K) if not config.head_hidden else
-                        nn.Sequential(nn.Linear(width, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, d_K)))
+        with isolated_rng(config.seed):  # the same initial weights for the same seed; the caller's random stream stays
+            self.f_sh = head(d_K, config.head_hidden, config.dim)
+            self.f_sp = head(d_K, config.head_hidden, config.dim) if config.heads == 'two' else None
+            self.g = head(d_T, config.head_hidden, config.dim)
+            self.estimator = _estimator(config)
+            self.club = CLUB(config.dim, config.dim, hidden=config.club_hidden, sampled=config.club_sampled) if self.f_sp else None
+            width = config.dim * (2 if self.f_sp is not None else 1)
+            self.decoder = (None if not config.rec else nn.Linear(width, d_K) if not config.head_hidden else
+                            nn.Sequential(nn.Linear(width, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, d_K)))
         self.register_buffer('h_T', h_T.detach().float().clone(), persistent=False)
         # DDP neither all-reduces q (fitted by `fit_q`, the same in every process) nor broadcasts h^T at each forward
         ignore = ['h_T'] + ([f'club.{n}' for n, _ in self.club.named_parameters()] if self.club is not None else [])
@@ -185,6 +181,55 @@ class AlignData(torch.utils.data.Dataset):
     def collate(self, batch) -> dict:
         "`gen`: the padded prompts with labels on the targets; `row`: the items' rows in the item table."
         return dict(gen=self.knowledge.collate([(p, t) for p, t, _ in batch]), row=torch.tensor([r for *_, r in batch]))
+
+# %% ../nbs/06_alignment.ipynb #abae8543
+def _club_bound(club: CLUB, codes: list) -> Tensor:
+    "The CLUB bound of the codes through a copy of q's weights: its gradient moves the codes, never q."
+    frozen_q = {n: p.detach().clone() for n, p in club.named_parameters()}
+    return torch.func.functional_call(club, frozen_q, tuple(codes))
+
+
+def fit_q(club: CLUB, x: Tensor, y: Tensor, steps: int, lr: float) -> Tensor:
+    "Fit CLUB's q(y|x) for `steps` Adam steps on one (detached) batch; its negative log-likelihood afterwards."
+    opt = torch.optim.Adam(club.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            club.learning_loss(x, y).backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad(): return club.learning_loss(x, y)
+
+# %% ../nbs/06_alignment.ipynb #4de0739e
+def add_noise(codes: list, noise: float) -> list:
+    "`codes`, each plus fresh Gaussian noise of std `noise` from torch's global stream (the training loop seeds it)."
+    return [p + noise * torch.randn_like(p) for p in codes] if noise else list(codes)
+
+
+def club_across_processes(club: CLUB | None, std: list, config: AlignConfig, rank: int) -> tuple[list, Tensor | None, Tensor | None]:
+    "(noisy codes, q's fit, CLUB bound) of this process's codes `std`, after running every process's micro-batch in process order."
+    # every process runs the steps one process would run on the micro-batches of all of them, in process order
+    # (= their order in one process with grad_accum_steps x P): the noise draws, q's fit and the bound; it keeps the
+    # differentiable codes and the bound of its own micro-batch
+    c, widths = config, [s.shape[1] for s in std]
+    shards = all_gather_rows(torch.cat([s.detach() for s in std], 1))
+    codes = fit = bound = None
+    for j, shard in enumerate(shards):
+        if j == rank: parts = std
+        else: parts = [x.contiguous() for x in torch.split(shard.to(std[0].device), widths, 1)]
+        drawn = add_noise(parts, c.noise)
+        if j == rank: codes = drawn
+        if club is None: continue
+        fit_j = fit_q(club, drawn[0].detach(), drawn[1].detach(), c.club_steps, c.club_lr)
+        if j == rank: fit, bound = fit_j, _club_bound(club, drawn)
+        else:
+            with torch.no_grad(): _club_bound(club, drawn)  # its random draws (vCLUB), as one process makes them
+    return codes, fit, bound
+
+# %% ../nbs/06_alignment.ipynb #42a58068
+def _hidden(mllm, batch: dict) -> Tensor:
+    "Last hidden states of a batch without the LM head's loss (alpha = 0)."
+    return last_hidden_states(mllm, model_inputs(mllm, batch))
 
 
 class AlignLoss:
@@ -229,54 +274,11 @@ class AlignLoss:
     def channel_and_club(self, model: AlignModel, std: list) -> tuple[list, Tensor | None, Tensor | None]:
         "(noisy codes, q's fit, CLUB bound) of the standardised codes `std`; under several processes q is fitted on every process's codes, in order."
         c, club = self.config, model.club
-        noisy = lambda parts: [p + c.noise * torch.randn_like(p) for p in parts] if c.noise else list(parts)
         rank, world = process_layout()
-        if world == 1 or (club is None and not c.noise):
-            codes = noisy(std)
-            if club is None: return codes, None, None
-            fit = fit_q(club, codes[0].detach(), codes[1].detach(), c.club_steps, c.club_lr)
-            return codes, fit, _club_bound(club, codes)
-        # several processes: every process runs the steps one process would run on the micro-batches of all of
-        # them, in process order (= their order in one process with grad_accum_steps x P): the noise draws, q's fit
-        # and the bound; it keeps the differentiable codes and the bound of its own micro-batch
-        widths = [s.shape[1] for s in std]
-        shards = all_gather_rows(torch.cat([s.detach() for s in std], 1))
-        codes = fit = bound = None
-        for j, shard in enumerate(shards):
-            if j == rank: parts = std
-            else: parts = [x.contiguous() for x in torch.split(shard.to(std[0].device), widths, 1)]
-            drawn = noisy(parts)
-            if j == rank: codes = drawn
-            if club is None: continue
-            fit_j = fit_q(club, drawn[0].detach(), drawn[1].detach(), c.club_steps, c.club_lr)
-            if j == rank: fit, bound = fit_j, _club_bound(club, drawn)
-            else:
-                with torch.no_grad(): _club_bound(club, drawn)  # its random draws (vCLUB), as one process makes them
-        return codes, fit, bound
-
-
-def _club_bound(club: CLUB, codes: list) -> Tensor:
-    "The CLUB bound of the codes through a copy of q's weights: its gradient moves the codes, never q."
-    frozen_q = {n: p.detach().clone() for n, p in club.named_parameters()}
-    return torch.func.functional_call(club, frozen_q, tuple(codes))
-
-
-def fit_q(club: CLUB, x: Tensor, y: Tensor, steps: int, lr: float) -> Tensor:
-    "Fit CLUB's q(y|x) for `steps` Adam steps on one (detached) batch; its negative log-likelihood afterwards."
-    opt = torch.optim.Adam(club.parameters(), lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            club.learning_loss(x, y).backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    with torch.no_grad(): return club.learning_loss(x, y)
-
-
-def _hidden(mllm, batch: dict) -> Tensor:
-    "Last hidden states of a batch without the LM head's loss (alpha = 0)."
-    from tpad.mllm import model_inputs, last_hidden_states
-    return last_hidden_states(mllm, model_inputs(mllm, batch))
+        if world > 1 and (club is not None or c.noise): return club_across_processes(club, std, c, rank)
+        codes = add_noise(std, c.noise)
+        if club is None: return codes, None, None
+        return codes, fit_q(club, codes[0].detach(), codes[1].detach(), c.club_steps, c.club_lr), _club_bound(club, codes)
 
 # %% ../nbs/06_alignment.ipynb #a4d988e8
 @torch.no_grad()
@@ -309,11 +311,11 @@ def alignment_metrics(z_sh: Tensor, t: Tensor, z_sp: Tensor | None = None, tempe
     if z_sp is not None:  # through the noisy channel: standardised codes, fresh noise for every batch
         a, b = channel(z_sh, 0.0), channel(z_sp[keep].float(), 0.0)
         noisy = lambda x: x + noise * torch.randn(x.shape, generator=g)
-        torch.manual_seed(seed)
-        club = CLUB(a.shape[1], b.shape[1])
-        sample = lambda n: (lambda i: (noisy(a[i]), noisy(b[i])))(torch.randint(len(a), (n,), generator=g))
-        fit_estimator(club, sample, steps=club_steps, lr=3e-3, batch_size=min(256, len(a)))
-        with torch.no_grad(): out['club'] = float(np.mean([float(club(noisy(a), noisy(b))) for _ in range(8)]))
+        with isolated_rng(seed):  # q's initial weights from `seed`; the caller's random stream stays as it was
+            club = CLUB(a.shape[1], b.shape[1])
+            sample = lambda n: (lambda i: (noisy(a[i]), noisy(b[i])))(torch.randint(len(a), (n,), generator=g))
+            fit_estimator(club, sample, steps=club_steps, lr=3e-3, batch_size=min(256, len(a)))
+            with torch.no_grad(): out['club'] = float(np.mean([float(club(noisy(a), noisy(b))) for _ in range(8)]))
     return out
 
 # %% ../nbs/06_alignment.ipynb #496127b6
@@ -337,17 +339,10 @@ def align(model, processor, items: pd.DataFrame, h_T: Tensor, config: AlignConfi
                 if '.lora_' in n and '.transfer.' in n: p.requires_grad_(True)
         result = train(aligner, data, data.collate, AlignLoss(config), config.train)
     if config.train.out_dir and process_layout()[0] == 0:  # one writer, as for the history
-        frame = result.frame()
-        atomic_write(lambda p: frame.to_csv(p, index=False), Path(config.train.out_dir) / 'losses.csv')
+        write_csv(Path(config.train.out_dir) / 'losses.csv', result.frame())
     return aligner, result
 
 # %% ../nbs/06_alignment.ipynb #9f5ac310
-def _tensor_hash(*tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors: h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def unified_features(aligner: AlignModel, processor, items: pd.DataFrame, config: AlignConfig, name: str = 'e_LLM',
                      report: Report | None = None, log=print) -> tuple[Tensor, Tensor]:
     "(e^LLM, the distilled h^K) of every item; e^LLM is cached at `cache_dir/name` with its provenance."
@@ -361,9 +356,10 @@ def unified_features(aligner: AlignModel, processor, items: pd.DataFrame, config
         e = aligner.represent(h_K.to(next(aligner.f_sh.parameters()).device)).cpu()
         aligner.train(was)
     key = dict(feature_key(model, config.mllm, 'knowledge', items), representation='[z_sh; z_sp]' if len(heads) == 2 else 'z_sh',
-               heads_hash=_tensor_hash(*[p for m in heads for p in m.parameters()]), teacher_hash=_tensor_hash(aligner.h_T),
+               heads_hash=tensor_hash(*[p for m in heads for p in m.parameters()]), teacher_hash=tensor_hash(aligner.h_T),
                align={k: v for k, v in asdict(config).items() if k not in ('mllm', 'train', 'cache_dir')})
-    path = save_features(Path(config.cache_dir) / f'{name}.safetensors', e, key, items['item_id'])  # process 0 writes
+    path = Path(config.cache_dir) / f'{name}.safetensors'
+    if process_layout()[0] == 0: save_features(path, e, key, items['item_id'])  # every process has the same e^LLM: one writer
     wait_for_everyone()  # the file is there before any process goes on
     log(f'[align] {name}: {tuple(e.shape)} -> {path}')
     return e, h_K

@@ -5,8 +5,6 @@
 # %% ../nbs/03_stage1_knowledge.ipynb #ab7d227b
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -15,22 +13,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from peft import PeftModel
 from torch import Tensor
 
-from .artifacts import atomic_write
+from .artifacts import digest, load_features, save_features, tensor_hash
 from .data import Report, SessionData
-from peft import PeftModel
-
 from .mllm import (MLLMConfig, add_adapters, encode, every_process, generation_loss, item_features, item_prompt,
-                       load_mllm, process_layout, use_adapter, wait_for_everyone, corpus_texts, _value)
+                       load_mllm, process_layout, use_adapter, wait_for_everyone, corpus_texts, item_value)
 from .train import TrainConfig, TrainResult, train
 
 # %% auto #0
 __all__ = ['TARGET_FIELDS', 'Stage1Config', 'tiny_stage1_config', 'target_text', 'knowledge_example', 'KnowledgeTarget',
            'knowledge_target', 'check_knowledge_target', 'KnowledgeData', 'holdout_split', 'knowledge_loss',
-           'train_knowledge', 'describe', 'adapter_hash', 'feature_key', 'save_features', 'load_features',
-           'cached_item_features', 'knowledge_features', 'category_separation', 'Stage1Result', 'stage1']
+           'train_knowledge', 'describe', 'adapter_hash', 'feature_key', 'cached_item_features', 'knowledge_features',
+           'category_separation', 'Stage1Result', 'stage1']
 
 # %% ../nbs/03_stage1_knowledge.ipynb #1c07d45f
 @dataclass
@@ -68,14 +64,14 @@ def _sentences(text: str, n: int) -> str:
 def target_text(item, config: Stage1Config) -> str:
     "The knowledge text an item's prompt should generate: `target_field`, cut to `target_sentences` sentences, after the `answer_field` word."
     if config.target_field == 'auto': raise ValueError("target_text: resolve target_field 'auto' first (knowledge_target)")
-    text = _sentences(_value(item, config.target_field), config.target_sentences)
-    word = _value(item, config.answer_field) if config.answer_field and config.answer_field != config.target_field else ''
+    text = _sentences(item_value(item, config.target_field), config.target_sentences)
+    word = item_value(item, config.answer_field) if config.answer_field and config.answer_field != config.target_field else ''
     return f'{word}. {text}' if word and text else text
 
 
 def _shows_something(item, config: Stage1Config) -> bool:
     "Whether an item prompt of `item` shows anything of its own: an image, or a field of `mllm.item_fields`."
-    return bool(_value(item, 'image')) or any(_value(item, f) for f in config.mllm.fields_shown)
+    return bool(item_value(item, 'image')) or any(item_value(item, f) for f in config.mllm.fields_shown)
 
 
 def knowledge_example(item, config: Stage1Config) -> tuple[dict, str]:
@@ -85,7 +81,7 @@ def knowledge_example(item, config: Stage1Config) -> tuple[dict, str]:
     if name == 'none': return item, ''
     if name == 'auto': target_text(item, config)  # raises: 'auto' is resolved by knowledge_target
     if name in config.mllm.fields_shown:  # the prompt would show the target: it shows the first half, the rest is the target
-        words = _sentences(_value(item, name), config.target_sentences).split()
+        words = _sentences(item_value(item, name), config.target_sentences).split()
         shown, target = {**item, name: ' '.join(words[:len(words) // 2])}, ' '.join(words[len(words) // 2:])
     else: shown, target = item, target_text(item, config)
     return shown, (target if _shows_something(shown, config) else '')
@@ -103,7 +99,7 @@ class KnowledgeTarget:
     @property
     def n_skipped(self) -> int: return 0 if self.field == 'none' else self.n_items - self.n_items_with_target
 
-
+# %% ../nbs/03_stage1_knowledge.ipynb #c52bfdf9
 def _records(items) -> list:
     return items.to_dict('records') if isinstance(items, pd.DataFrame) else [dict(r) for r in items]
 
@@ -113,25 +109,28 @@ def _any_of(names) -> str:
     return names[0] if len(names) == 1 else ', '.join(names[:-1]) + ' or ' + names[-1]
 
 
+def _has(rows: list, f: str) -> bool: return any(item_value(r, f) for r in rows)
+
+
+def _n_examples(rows: list, f: str, config: Stage1Config) -> int:
+    "How many of `rows` give an example with the target field `f`."
+    if f == 'none' or not _has(rows, f): return 0
+    resolved = replace(config, target_field=f)
+    return sum(bool(knowledge_example(r, resolved)[1]) for r in rows)
+
+
 def knowledge_target(items, field: str = 'auto', config: Stage1Config | None = None) -> KnowledgeTarget:
     "The generation target of `items`: `field`, or for 'auto' the first of `TARGET_FIELDS` with an example, else 'none'."
     config, rows = config or Stage1Config(), _records(items)
-    has = lambda f: any(_value(r, f) for r in rows)
-
-    def examples(f: str) -> int:
-        if f == 'none' or not has(f): return 0
-        resolved = replace(config, target_field=f)
-        return sum(bool(knowledge_example(r, resolved)[1]) for r in rows)
-
     if field == 'auto':
         chosen, absent, empty = 'none', [], []
         for f in TARGET_FIELDS:
-            if examples(f): chosen = f; break
-            (empty if has(f) else absent).append(f)
+            if _n_examples(rows, f, config): chosen = f; break
+            (empty if _has(rows, f) else absent).append(f)
         reasons = ([f'no item has {_any_of(absent)}'] if absent else []) + [f'no {f} with anything else to show in the prompt' for f in empty]
         why = 'auto: ' + (', '.join(reasons) if reasons else 'items have text')
     else: chosen, why = field, f'target_field {field!r}'
-    n = examples(chosen)
+    n = _n_examples(rows, chosen, config)
     completion = chosen in config.mllm.fields_shown
     if chosen == 'none':
         task, label, detail = 'none', 'none', ("no generation training: h^K is the MLLM reading each item's image and prompt, "
@@ -140,18 +139,18 @@ def knowledge_target(items, field: str = 'auto', config: Stage1Config | None = N
     else: task, label, detail = 'generation', chosen, 'generated from the item prompt'
     note = f'target: {label} ({why}; {detail}); ' + (f'{len(rows)} items' if chosen == 'none' else f'{n} of {len(rows)} items')
     if chosen != 'none' and n < len(rows):
-        without = sum(not _value(r, chosen) for r in rows)
+        without = sum(not item_value(r, chosen) for r in rows)
         bare = len(rows) - n - without
         note += ', skipped: ' + ', '.join(([f'{without} without {chosen}'] if without else []) + (
             [f'{bare} whose prompt would show nothing' + (f' (one-word {chosen}, no image)' if completion else '')] if bare else []))
     return KnowledgeTarget(chosen, task, len(rows), n, note)
 
-
+# %% ../nbs/03_stage1_knowledge.ipynb #9d5e90cd
 def check_knowledge_target(items, config, option: str = 'stage1.target_field') -> KnowledgeTarget:
     "The `KnowledgeTarget` of `config` (a Stage1Config, or an AlignConfig) on `items`; a one-line ValueError naming the option to set when it has nothing to train on."
     config = config if isinstance(config, Stage1Config) else config.generation()
     target, rows, name = knowledge_target(items, config.target_field, config), _records(items), config.target_field
-    present = [f for f in TARGET_FIELDS if any(_value(r, f) for r in rows)]
+    present = [f for f in TARGET_FIELDS if any(item_value(r, f) for r in rows)]
     if target.field == 'none':
         if not any(_shows_something(r, config) for r in rows):
             readable = [f for f in present if f in ('title', 'category', 'text')]
@@ -161,8 +160,8 @@ def check_knowledge_target(items, config, option: str = 'stage1.target_field') -
     elif not target.n_items_with_target:
         auto = knowledge_target(items, 'auto', config).field
         fix = f'use --{option} auto' + (f' or {auto}' if auto != 'none' else f' (target none: no generation training)')
-        if target.field not in present and not any(_value(r, target.field) for r in rows):
-            have = ', '.join(present) or ('only images' if any(_value(r, 'image') for r in rows) else 'nothing to read')
+        if target.field not in present and not any(item_value(r, target.field) for r in rows):
+            have = ', '.join(present) or ('only images' if any(item_value(r, 'image') for r in rows) else 'nothing to read')
             raise ValueError(f'{option} {name!r}: no item has {target.field}; the items have {have}; {fix}')
         raise ValueError(f"{option} {name!r}: no item's prompt would show anything once its {target.field} is held out "
                          f'(no image, no other field of mllm.item_fields {config.mllm.item_fields!r}); {fix}')
@@ -249,13 +248,10 @@ def _base(model):
 
 
 def adapter_hash(model, adapter: str) -> str:
-    "SHA-256 of the weights that define `adapter`: its LoRA tensors, or every weight under full fine-tuning."
-    h = hashlib.sha256()
+    "A short SHA-256 of the weights that define `adapter` (names, shapes, values): its LoRA tensors, or every weight under full fine-tuning."
     lora = isinstance(model, PeftModel)
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if lora and not ('.lora_' in name and f'.{adapter}.' in name): continue
-        h.update(name.encode()); h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensor_hash(named={name: p for name, p in model.named_parameters()
+                              if not lora or ('.lora_' in name and f'.{adapter}.' in name)})
 
 
 def feature_key(model, config: MLLMConfig, adapter: str, items: pd.DataFrame) -> dict:
@@ -266,32 +262,10 @@ def feature_key(model, config: MLLMConfig, adapter: str, items: pd.DataFrame) ->
                 prompt=dict(fields=config.fields_shown, instruction=config.readout_instruction,
                             max_text_tokens=config.max_text_tokens, image_size=config.image_size),
                 readout=config.readout, dtype=config.dtype,
-                items=hashlib.sha256('\n'.join(items['item_id'].astype(str)).encode()).hexdigest()[:16],
+                items=digest(items['item_id'].astype(str).tolist()),
                 n_items=len(items))
 
-
-def save_features(path, features: Tensor, key: dict, item_ids) -> Path:
-    "Write `features` (safetensors) and its JSON sidecar (key, item ids) atomically; under several processes only the main one writes."
-    path = Path(path)
-    if process_layout()[0] != 0: return path  # the same features are in every process: one writer
-    sidecar = path.with_suffix('.json')
-    if sidecar.exists(): sidecar.unlink()  # the sidecar is the seal: without it the tensor is never trusted
-    atomic_write(lambda p: save_file({'features': features.contiguous()}, str(p)), path)
-    meta = dict(key=key, item_ids=[str(i) for i in item_ids], shape=list(features.shape),
-                written=time.strftime('%Y-%m-%dT%H:%M:%S'))
-    atomic_write(lambda p: p.write_text(json.dumps(meta, indent=1)), sidecar)
-    return path
-
-
-def load_features(path, key: dict) -> Tensor | None:
-    "The cached features at `path` if its sidecar's key equals `key`, else None."
-    path = Path(path); sidecar = path.with_suffix('.json')
-    if not (path.exists() and sidecar.exists()): return None
-    meta = json.loads(sidecar.read_text())
-    if meta.get('key') != json.loads(json.dumps(key)): return None
-    return load_file(str(path))['features']
-
-
+# %% ../nbs/03_stage1_knowledge.ipynb #0ac0e615
 def cached_item_features(model, processor, items: pd.DataFrame, config: MLLMConfig, adapter: str, cache_dir,
                          name: str, batch_size: int = 32, report: Report | None = None, log=print, tag: str = 'stage1') -> Tensor:
     "Features of every item with `adapter` active: from the cache at `cache_dir/name` when its key matches, else extracted (sharded over the processes of `accelerate launch`) and cached."
@@ -306,7 +280,7 @@ def cached_item_features(model, processor, items: pd.DataFrame, config: MLLMConf
         return cached
     t0 = time.perf_counter()
     feats = item_features(model, processor, items, config, batch_size=batch_size, adapter=adapter, report=report)
-    save_features(path, feats, key, items['item_id'])
+    if rank == 0: save_features(path, feats, key, items['item_id'])  # every process has the same features: one writer
     wait_for_everyone()  # the cache is on disk before any process goes on
     log(f'[{tag}] {name}: extracted {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s'
         f'{f" on {world} processes" if world > 1 else ""} -> {path}')
