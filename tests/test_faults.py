@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -240,7 +241,7 @@ def enospc() -> SafetensorError:
 
 def partial_then(exc):
     "A stand-in for safetensors' save_file that writes the first half of the real file, then raises `exc`."
-    real = stage1.save_file
+    real = safetensors.torch.save_file
     def write(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
         data = Path(filename).read_bytes()
@@ -261,7 +262,7 @@ def test_cache_write_interrupted_at_each_step(tmp_path, monkeypatch, where):
     stage1.save_features(path, old, dict(v='old'), list('abcd'))
     renames, real_replace, real_write_text = [], os.replace, Path.write_text
     if where == 'tensor-write':
-        monkeypatch.setattr(stage1, 'save_file', partial_then(enospc()))
+        monkeypatch.setattr(safetensors.torch, 'save_file', partial_then(enospc()))  # tpad.artifacts writes with it
     if where in ('tensor-rename', 'sidecar-rename'):
         def replace(src, dst):
             renames.append(dst)
@@ -344,7 +345,7 @@ def test_disk_full_while_saving_a_stage_leaves_it_unsealed(tmp_path, monkeypatch
     "A stage whose tensors cannot be written (disk full half-way) is not sealed: the next run recomputes it."
     folder = tmp_path / 'stages' / 'stage1'
     experiment.save_stage(folder, 'key-1', dict(features=torch.ones(3, 2)), seconds=1.0)
-    monkeypatch.setattr(experiment, 'save_file', partial_then(enospc()))
+    monkeypatch.setattr(safetensors.torch, 'save_file', partial_then(enospc()))  # tpad.artifacts writes with it
     with pytest.raises((OSError, SafetensorError)) as e:
         experiment.save_stage(folder, 'key-2', dict(features=torch.zeros(3, 2)), seconds=2.0)
     assert 'No space left on device' in str(e.value)
@@ -359,8 +360,7 @@ def test_disk_full_while_saving_a_stage_leaves_it_unsealed(tmp_path, monkeypatch
     'save_features'])
 def test_disk_full_message_names_the_file(tmp_path, monkeypatch, writer):
     "safetensors says only 'No space left on device (os error 28)': the error should say which file, and clean up."
-    module = experiment if writer == 'save_stage' else stage1
-    monkeypatch.setattr(module, 'save_file', partial_then(enospc()))
+    monkeypatch.setattr(safetensors.torch, 'save_file', partial_then(enospc()))  # both write through tpad.artifacts
     with pytest.raises(OSError) as e:
         if writer == 'save_stage': experiment.save_stage(tmp_path / 's', 'k', dict(x=torch.ones(2)))
         else: stage1.save_features(tmp_path / 's' / 'h_K.safetensors', torch.ones(2, 2), dict(k=1), ['a', 'b'])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import hashlib
 import importlib
 import inspect
 import json
@@ -22,6 +21,7 @@ import time
 import typing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .data import FORMAT_MODULES, LOADERS, DataFormatError, SessionData, load
-from .artifacts import atomic_write, stage_folder
-from .preprocess import Prepared, PreprocessConfig, preprocess, report_table, rows_in_index_order
+from .artifacts import MODELS, STAGE_SEAL, STAGE_TENSORS, atomic_write, digest, feature_stage, isolated_rng
+from .artifacts import load_sealed, model_folder, save_sealed, stage_folder, write_csv, write_json
+from .preprocess import Prepared, PreprocessConfig, preprocess, rows_in_index_order
 from .mllm import MLLMConfig, add_adapters, corpus_texts, every_process, load_mllm, process_layout, wait_for_everyone
 from .stage1 import Stage1Config, check_knowledge_target, knowledge_features, tiny_stage1_config, train_knowledge
 from .stage2 import Stage2Config, tiny_stage2_config, train_transfer, transfer_features
@@ -49,15 +50,15 @@ from .cases import CaseConfig, load_run_models, plot_run_cases
 from .viz_data import category_transitions, item_grid, session_length_plot, transition_heatmap
 
 # %% auto #0
-__all__ = ['DERIVED', 'ID_ONLY', 'PRESETS', 'DATA_SOURCES', 'STAGE_SEEDS', 'MIN_FREE_MB', 'MODELS', 'STILL_IMPROVING',
-           'TABLE_METRICS', 'MARKED', 'ID_ONLY_KEYS', 'CLAIMS', 'CLAIM_METRIC', 'FIGURES', 'RUN_CONTROL',
-           'PROBE_BATCHES', 'EVIDENCE_FILES', 'EVIDENCE_COLUMNS', 'EVIDENCE_URL', 'BENCHMARK_METRICS', 'RunConfig',
-           'make_config', 'run_name', 'run_dir', 'config_arguments', 'config_from_args', 'run_seeds', 'seeded',
-           'check_out_dir', 'digest', 'save_stage', 'load_stage', 'model_keys', 'has_content', 'run_stages',
-           'capped_seeds', 'fit_and_score', 'results_table', 'intervals_table', 'markdown_table', 'per_sample',
-           'paired_tests', 'claims', 'claims_text', 'protocol_text', 'run_figures', 'rows_key', 'finished_rows',
-           'plan_rows', 'plan_stages', 'row_jobs', 'RunConfigError', 'knowledge_target_of', 'check_run', 'run',
-           'evidence_link', 'evidence_markdown', 'all_users', 'benchmark_markdown']
+__all__ = ['DERIVED', 'ID_ONLY', 'PRESETS', 'DATA_SOURCES', 'STAGE_SEEDS', 'MIN_FREE_MB', 'STILL_IMPROVING', 'TABLE_METRICS',
+           'MARKED', 'ID_ONLY_KEYS', 'CLAIMS', 'CLAIM_METRIC', 'FIGURES', 'RUN_CONTROL', 'PROBE_BATCHES',
+           'EVIDENCE_FILES', 'EVIDENCE_COLUMNS', 'EVIDENCE_URL', 'BENCHMARK_METRICS', 'RunConfig', 'make_config',
+           'run_name', 'run_dir', 'config_arguments', 'config_from_args', 'run_seeds', 'seeded', 'check_out_dir',
+           'save_stage', 'load_stage', 'model_keys', 'has_content', 'run_stages', 'capped_seeds', 'fit_and_score',
+           'results_table', 'intervals_table', 'markdown_table', 'per_sample', 'paired_tests', 'claims', 'claims_text',
+           'protocol_text', 'run_figures', 'rows_key', 'finished_rows', 'plan_rows', 'plan_stages', 'row_jobs',
+           'RunConfigError', 'knowledge_target_of', 'check_run', 'run', 'evidence_link', 'evidence_markdown',
+           'all_users', 'benchmark_markdown']
 
 # %% ../nbs/09_experiment.ipynb #a68db625
 @dataclass
@@ -152,7 +153,7 @@ DATA_SOURCES = {
                  'user_sequence.txt of the sequential-recommendation benchmarks (S3-Rec, P5, TIGER)',
 }
 
-
+# %% ../nbs/09_experiment.ipynb #7c3ca169
 def _base_type(tp):
     "`int` for `int`, `int | None` and `Optional[int]`."
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -186,14 +187,14 @@ def _replace(obj, changes: dict, owner: str = ''):
             kw[k] = v
     return dataclasses.replace(obj, **kw)
 
-
+# %% ../nbs/09_experiment.ipynb #504c606b
 def make_config(preset: str | None = None, **overrides) -> RunConfig:
     "The `preset`'s RunConfig with `overrides` applied (nested configs as dicts); no preset: `toyshop-tiny` on the toyshop, else `generic`."
     if preset is None: preset = 'toyshop-tiny' if overrides.get('dataset', 'toyshop') == 'toyshop' else 'generic'
     if preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
     return _replace(_replace(RunConfig(preset=preset), PRESETS[preset], 'config'), overrides, 'config')
 
-
+# %% ../nbs/09_experiment.ipynb #eb5405a5
 def run_name(config: RunConfig) -> str:
     "What a run is called (its folder, its results' heading): a preset made for one dataset by its name; otherwise after its data (and the preset, unless generic)."
     if 'dataset' in PRESETS.get(config.preset, {}): return config.preset
@@ -294,55 +295,20 @@ def check_out_dir(out, min_free_mb: float = MIN_FREE_MB) -> Path:
                                     f"a run needs at least {min_free_mb:g} MiB")
     return out
 
-
-def _write_json(path: Path, obj):
-    "Write JSON atomically."
-    atomic_write(lambda p: p.write_text(json.dumps(obj, indent=2, default=str)), Path(path))
-
-
-def _write_csv(path: Path, df: pd.DataFrame):
-    "Write CSV atomically."
-    atomic_write(lambda p: df.to_csv(p, index=False), Path(path))
-
-
-def digest(obj) -> str:
-    "A short stable hash of a JSON-able object (dataclasses included)."
-    if dataclasses.is_dataclass(obj): obj = dataclasses.asdict(obj)
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
+# %% ../nbs/09_experiment.ipynb #4201b47c
 def save_stage(folder, key: str, tensors: dict, **info) -> Path:
-    "Write a stage's tensors (safetensors) and then its seal `stage.json` holding `key` and `info`."
+    "Write a stage's tensors (`outputs.safetensors`) and then its seal (`stage.json`) holding `key` and `info`."
     folder = Path(folder)
-    (folder / 'stage.json').unlink(missing_ok=True)  # no seal while the tensors change
-    atomic_write(lambda p: save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(p)),
-            folder / 'outputs.safetensors')
-    _write_json(folder / 'stage.json', dict(key=key, **info))
+    save_sealed(folder / STAGE_TENSORS, tensors, dict(key=key, **info), seal=folder / STAGE_SEAL)
     return folder
 
 
 def load_stage(folder, key: str) -> tuple[dict, dict] | None:
-    "(tensors, info) of a sealed stage in `folder` run with `key`, else None."
+    "(tensors, seal) of a sealed stage in `folder` run with `key`, else None."
     folder = Path(folder)
-    seal, data = folder / 'stage.json', folder / 'outputs.safetensors'
-    if not (seal.exists() and data.exists()): return None
-    info = json.loads(seal.read_text())
-    if info.get('key') != key: return None
-    return load_file(str(data)), info
+    return load_sealed(folder / STAGE_TENSORS, key=key, seal=folder / STAGE_SEAL)
 
 # %% ../nbs/09_experiment.ipynb #db607ba5
-MODELS = {
-    'pop': ('Pop', None), 'item_knn': ('item-kNN', None), 'sknn': ('S-kNN', None),
-    'gru4rec': ('GRU4Rec', None), 'srgnn': ('SR-GNN', None), 'sasrec': ('SASRec', None),
-    'msbr_plain': ('MSBR + plain pre-trained features', 'plain'),
-    'msbr_knowledge': ('MSBR + Knowledge-MLLM features (Stage 1)', 'h_K'),
-    'msbr_transfer': ('MSBR + Transfer-MLLM features (Stage 2a)', 'h_T'),
-    'tpad': ('TPAD', 'full'), 'tpad_no_mi': ('TPAD w/o MI alignment', 'no_mi'),
-    'tpad_no_disentangle': ('TPAD w/o disentanglement', 'no_disentangle'),
-    'tpad_no_gen': ('TPAD w/o generation task', 'no_gen'),
-}
-
-
 def model_keys(config: RunConfig) -> list[str]:
     "The rows `config.models` asks for, in table order; unknown names raise, naming them."
     if config.models.strip() == 'all': return list(MODELS)
@@ -359,7 +325,7 @@ def has_content(data: SessionData) -> bool:
     text = any(c in items and items[c].fillna('').astype(str).str.strip().ne('').any() for c in ('title', 'text'))
     return bool(text or ('image' in items and items['image'].notna().any()))
 
-
+# %% ../nbs/09_experiment.ipynb #60ace1a8
 def _settings(cfg) -> dict:
     "A stage config as a dict, without the folders and progress bars the run sets."
     d = dataclasses.asdict(cfg)
@@ -378,7 +344,7 @@ def _weights(model, mllm: MLLMConfig) -> dict:
     "The trained weights a later stage starts from: every weight of a fully fine-tuned model, else the LoRA adapters."
     return {k: v for k, v in model.state_dict().items() if mllm.full_finetune or 'lora_' in k}
 
-
+# %% ../nbs/09_experiment.ipynb #6cb140e2
 class _Student:
     "The MLLM of Stages 1-2, built on first use, with stage weights loaded on demand."
     def __init__(self, mllm: MLLMConfig, items: pd.DataFrame): self.mllm, self.items, self.pair = mllm, items, None
@@ -393,7 +359,61 @@ class _Student:
             if bad: raise KeyError(f'saved stage weights do not fit the model: {bad[:3]}')
         return self.pair
 
+# %% ../nbs/09_experiment.ipynb #5c8ec07f
+def _cached_stage(name: str, key: str, compute, out: Path, seed: int, info: dict, log=print) -> dict:
+    "The tensors of stage `name`: reused when every process finds them sealed with `key`, else `compute()`'s, sealed by process 0; `info[name]` says which."
+    folder = stage_folder(out, name, seed)
+    hit = load_stage(folder, key)
+    if not every_process(hit is not None): hit = None  # several processes: all reuse the stage, or all run it
+    if hit is not None:
+        log(f'[{name}] reused: the outputs in {folder} match this config ({hit[1].get("seconds", 0)} s when run)')
+        info[name] = dict(hit[1], reused=True)
+        return hit[0]
+    t0 = time.perf_counter()
+    tensors, extra = compute()
+    seconds = round(time.perf_counter() - t0, 1)
+    if process_layout()[0] == 0: save_stage(folder, key, tensors, seconds=seconds, **extra)  # the same in every process
+    wait_for_everyone()  # sealed before any process reads it
+    info[name] = dict(key=key, seconds=seconds, reused=False, **extra)
+    log(f'[{name}] done in {seconds} s -> {folder}')
+    return tensors
 
+# %% ../nbs/09_experiment.ipynb #6799cbf9
+def _sealed_weights(model, mllm: MLLMConfig) -> dict:
+    "The weights a later stage starts from, named as a stage seals them (`w.<name>`)."
+    return {f'w.{k}': v for k, v in _weights(model, mllm).items()}
+
+
+def _train_stage1(student: _Student, items: pd.DataFrame, s1: Stage1Config, log=print) -> tuple[dict, dict]:
+    "Stage 1: train the knowledge adapter and read h^K; (tensors to seal, info)."
+    model, processor = student.get()
+    result = train_knowledge(model, processor, items, s1, log=log)
+    h_K = knowledge_features(model, processor, items, s1, log=log)
+    return dict(features=h_K, **_sealed_weights(model, student.mllm)), dict(steps=result.step, train_seconds=round(result.seconds, 1))
+
+
+def _train_stage2(student: _Student, stage1_out: dict, prepared: Prepared, items: pd.DataFrame, s2: Stage2Config,
+                  log=print) -> tuple[dict, dict]:
+    "Stage 2a: from the Stage 1 weights, train the transfer adapter on session samples and read h^T; (tensors to seal, info)."
+    model, processor = student.get(stage1_out)
+    result = train_transfer(model, processor, prepared, items, s2)
+    h_T = transfer_features(model, processor, items, s2, log=log)
+    return dict(features=h_T, **_sealed_weights(model, student.mllm)), dict(steps=result.step, train_seconds=round(result.seconds, 1))
+
+# %% ../nbs/09_experiment.ipynb #f20b2ad6
+def _align_variant(student: _Student, start: dict, items: pd.DataFrame, h_K, h_T, cfg: AlignConfig, cache_dir: str,
+                   log=print) -> tuple[dict, dict]:
+    "Stage 2b with `cfg` from the weights `start`: (the distilled features, z^sh, t and the untrained heads' outputs; info)."
+    model, processor = student.get(start)
+    # the heads as Stage 2b starts them (it seeds them the same way): the control of the alignment figure
+    init = heads_output(AlignModel(model, h_T, cfg), h_K, h_T)
+    r = stage2b(model, processor, items, h_K, h_T, dataclasses.replace(cfg, cache_dir=cache_dir), log=log)
+    # z^sh of the distilled h^K is e^LLM's first dim columns; t = g(h^T) needs the trained g, which is not saved
+    t = heads_output(r.aligner, h_K, h_T)['t']
+    tensors = dict(features=r.features, z_sh=r.features[:, :cfg.dim], t=t, z_sh_init=init['z_sh'], t_init=init['t'])
+    return tensors, dict(before=r.before, after=r.after, steps=r.train.step, train_seconds=round(r.train.seconds, 1))
+
+# %% ../nbs/09_experiment.ipynb #5c84ebe7
 def run_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted, out, log=print,
                seed: int = 0) -> tuple[dict, dict]:
     "Features (item-table order) for `wanted` ⊂ {h_K, h_T, full, no_mi, no_disentangle, no_gen}, and per-stage info, for pipeline seed `seed`."
@@ -407,76 +427,36 @@ def run_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted,
     data_key = dict(dataset=config.dataset, path=config.path, stats=data.stats().iloc[0].to_dict())
     keys = {'stage1': digest(dict(data=data_key, mllm=config.mllm, stage1=_settings(s1)))}
     keys['stage2'] = digest(dict(after=keys['stage1'], preprocess=config.preprocess, stage2=_settings(s2)))
-
-    def stage(name, key, compute):
-        folder = stage_folder(out, name, seed)
-        hit = load_stage(folder, key)
-        if not every_process(hit is not None): hit = None  # several processes: all reuse the stage, or all run it
-        if hit is not None:
-            log(f'[{name}] reused: the outputs in {folder} match this config ({hit[1].get("seconds", 0)} s when run)')
-            info[name] = dict(hit[1], reused=True)
-            return hit[0]
-        t0 = time.perf_counter()
-        tensors, extra = compute()
-        seconds = round(time.perf_counter() - t0, 1)
-        if process_layout()[0] == 0: save_stage(folder, key, tensors, seconds=seconds, **extra)  # the same in every process
-        wait_for_everyone()  # sealed before any process reads it
-        info[name] = dict(key=key, seconds=seconds, reused=False, **extra)
-        log(f'[{name}] done in {seconds} s -> {folder}')
-        return tensors
-
-    def run_stage1():
-        model, processor = student.get()
-        result = train_knowledge(model, processor, data.items, s1, log=log)
-        h_K = knowledge_features(model, processor, data.items, s1, log=log)
-        weights = {f'w.{k}': v for k, v in _weights(model, config.mllm).items()}
-        return dict(features=h_K, **weights), dict(steps=result.step, train_seconds=round(result.seconds, 1))
-
-    stage1_out = stage('stage1', keys['stage1'], run_stage1)
+    cached = partial(_cached_stage, out=out, seed=seed, info=info, log=log)
+    stage1_out = cached('stage1', keys['stage1'], partial(_train_stage1, student, data.items, s1, log))
     feats['h_K'] = stage1_out['features']
     if wanted <= {'h_K'}: return feats, info
-
-    def run_stage2():
-        model, processor = student.get(stage1_out)
-        result = train_transfer(model, processor, prepared, data.items, s2)
-        h_T = transfer_features(model, processor, data.items, s2, log=log)
-        weights = {f'w.{k}': v for k, v in _weights(model, config.mllm).items()}
-        return dict(features=h_T, **weights), dict(steps=result.step, train_seconds=round(result.seconds, 1))
-
-    stage2_out = stage('stage2', keys['stage2'], run_stage2)
+    stage2_out = cached('stage2', keys['stage2'], partial(_train_stage2, student, stage1_out, prepared, data.items, s2, log))
     feats['h_T'] = stage2_out['features']
     # the student starts from the Stage 1 weights (tiny model: one set of weights) or, with LoRA, after Stage 2a
     start = stage1_out if config.mllm.full_finetune else stage2_out
     for variant in [v for v in ABLATIONS if v in wanted]:
         cfg = _stage_config(ablation(config.align, variant), config, out, f'align-{variant}{tag}')
         key = digest(dict(after=keys['stage2'], align=_settings(cfg), outputs=2))  # outputs 2: z_sh, t and the init heads too
-
-        def run_align(cfg=cfg, variant=variant):
-            model, processor = student.get(start)
-            # the heads as Stage 2b starts them (it seeds them the same way): the control of the alignment figure
-            init = heads_output(AlignModel(model, feats['h_T'], cfg), feats['h_K'], feats['h_T'])
-            r = stage2b(model, processor, data.items, feats['h_K'], feats['h_T'], dataclasses.replace(cfg, cache_dir=str(out / 'cache' / f'{variant}{tag}')), log=log)
-            # z^sh of the distilled h^K is e^LLM's first dim columns; t = g(h^T) needs the trained g, which is not saved
-            t = heads_output(r.aligner, feats['h_K'], feats['h_T'])['t']
-            tensors = dict(features=r.features, z_sh=r.features[:, :cfg.dim], t=t, z_sh_init=init['z_sh'], t_init=init['t'])
-            return tensors, dict(before=r.before, after=r.after, steps=r.train.step, train_seconds=round(r.train.seconds, 1))
-        feats[variant] = stage(f'align-{variant}', key, run_align)['features']
+        align = partial(_align_variant, student, start, data.items, feats['h_K'], feats['h_T'], cfg,
+                        str(out / 'cache' / f'{variant}{tag}'), log)
+        feats[variant] = cached(feature_stage(variant), key, align)['features']
     return feats, info
 
 # %% ../nbs/09_experiment.ipynb #f6b2ae87
 def _recommender(key: str, prepared: Prepared, config: RunConfig, features: torch.Tensor | None, seed: int):
-    "A fresh (untrained) recommender for row `key`."
-    torch.manual_seed(seed)
+    "A fresh (untrained) recommender for row `key`, its weights drawn with `seed` (the caller's RNG is left alone)."
     if key == 'pop': return baselines.MostPopular()
     if key == 'item_knn': return baselines.ItemKNN(config.item_knn)
     if key == 'sknn': return baselines.SKNN(config.sknn)
-    if key in ('gru4rec', 'srgnn', 'sasrec'):
-        fixed = ('encoder', 'use_id', 'fusion', 'feature_dropout')
-        return getattr(baselines, key)(prepared.n_items, **{k: v for k, v in dataclasses.asdict(config.msbr).items()
-                                                             if k not in fixed})
-    return MSBR(prepared.n_items, config.msbr, features=features)
+    with isolated_rng(seed):
+        if key in ('gru4rec', 'srgnn', 'sasrec'):
+            fixed = ('encoder', 'use_id', 'fusion', 'feature_dropout')
+            return getattr(baselines, key)(prepared.n_items, **{k: v for k, v in dataclasses.asdict(config.msbr).items()
+                                                                 if k not in fixed})
+        return MSBR(prepared.n_items, config.msbr, features=features)
 
-
+# %% ../nbs/09_experiment.ipynb #0e891a28
 STILL_IMPROVING = 'still improving at the epoch cap'  # a row whose best epoch was the last one allowed
 
 
@@ -495,7 +475,7 @@ def fit_and_score(key: str, prepared: Prepared, config: RunConfig, features: tor
     epochs, stopped = None, None
     if isinstance(model, torch.nn.Module):
         fc = dataclasses.replace(config.fit, seed=seed, progress=config.progress,
-                                 out_dir=str(out / 'models' / f'{key}-seed{seed}') if out else '')
+                                 out_dir=str(model_folder(out, key, seed)) if out else '')
         result = fit(model, prepared, fc)
         epochs, stopped = result.best_epoch, result.stopped
         # the best epoch is the last one allowed: validation was still rising when the cap stopped it
@@ -710,13 +690,14 @@ def finished_rows(out, key: str) -> dict:
 
 def _save_progress(out: Path, key: str, rows: list[dict], ranks: dict, config: RunConfig, prepared: Prepared, skipped: dict, total: int,
                    target_line: str = ''):
-    "After each row: results.csv, the ranks, progress.json and a results.md saying how many rows are done."
+    "After each row: results.csv, the ranks, a results.md saying how many rows are done, and last progress.json naming them."
     frame = pd.DataFrame(rows)
-    _write_csv(out / 'results.csv', frame)
+    write_csv(out / 'results.csv', frame)
     _save_ranks(out, ranks)
-    _write_json(out / 'progress.json', dict(key=key, rows=[[r['model'], int(r['seed'])] for r in rows]))
     _write_results(out, config, prepared, frame, pd.DataFrame(), pd.DataFrame(), skipped,
                    f'{len(rows)} of {total} row(s) finished; the paired tests come when every row is done', target_line)
+    # last, like a seal: a row that progress.json names has every file written
+    write_json(out / 'progress.json', dict(key=key, rows=[[r['model'], int(r['seed'])] for r in rows]), indent=2)
 
 
 # %% ../nbs/09_experiment.ipynb #60301615
@@ -768,7 +749,7 @@ def plan_rows(config: RunConfig, prepared: Prepared, keys, n_seeds: int, feature
         out.append(dict(row=key, work=work, seconds_per_seed=round(seconds, 1), seconds=round(seconds * n_seeds, 1)))
     return pd.DataFrame(out)
 
-
+# %% ../nbs/09_experiment.ipynb #1b5583ed
 def plan_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted, n_seeds: int, target=None) -> pd.DataFrame:
     "The MLLM stages' optimiser steps per seed and their estimated time, from two steps of Stage 1 and one extraction batch."
     if not wanted: return pd.DataFrame()
@@ -799,8 +780,7 @@ def plan_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted
                         seconds=round(seconds * n_seeds, 1)))
     return pd.DataFrame(out)
 
-
-# %% ../nbs/09_experiment.ipynb #6f039000
+# %% ../nbs/09_experiment.ipynb #6e7170fd
 def _load_options(config: RunConfig) -> dict:
     "Options of the dataset's loader that the config sets: `preprocess.on_unknown` where the loader checks unknown items itself."
     for module in FORMAT_MODULES: importlib.import_module(module)  # the loaders register themselves on import
@@ -819,19 +799,7 @@ def _data_path(config: RunConfig) -> str | None:
         raise FileNotFoundError(f"data path {config.path!r} (preset {config.preset!r}) does not exist; it should hold {how}")
     return config.path
 
-
-def _first_stage_seed(stage_info: dict) -> int | None:
-    "The first pipeline seed whose stages ran (the one the figures and the summary's alignment numbers come from)."
-    return next((s for name, s in stage_info if name != 'plain'), None)
-
-
-def _save_ranks(out: Path, ranks: dict):
-    "Every row's per-sample test ranks, per seed, as one safetensors file: `<row>/seed<s>/<overall|cold>`."
-    tensors = {f'{k}/seed{s}/{part}': r.to(torch.int64).contiguous() for (k, s), parts in ranks.items()
-               for part, r in parts.items() if r is not None}
-    if tensors: atomic_write(lambda p: save_file(tensors, str(p)), out / 'ranks.safetensors')
-
-
+# %% ../nbs/09_experiment.ipynb #f74a9cd7
 def _cores() -> int:
     "The CPU cores this process may use."
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
@@ -842,7 +810,7 @@ def row_jobs(config: RunConfig) -> int:
     if config.jobs < 0: raise ValueError(f"config.jobs must be >= 0 (0 = one per CPU core), not {config.jobs}")
     return config.jobs or min(_cores(), 4)
 
-
+# %% ../nbs/09_experiment.ipynb #abaadde9
 _WORKER: dict = {}
 
 
@@ -874,48 +842,7 @@ def _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log
         if on_row is not None: on_row(row)
     return rows
 
-
-def _stage_rows(stage_info: dict, config: RunConfig) -> pd.DataFrame:
-    "One line per (stage, seed): time, steps, reuse, and Stage 2b's before/after numbers, CLUB's beside its channel's ceiling."
-    out, ceiling = [], channel_mi_ceiling(config.align.dim, config.align.noise)
-    for (name, seed), i in stage_info.items():
-        line = dict(stage=name, seed=seed, seconds=i.get('seconds'), reused=i.get('reused'), steps=i.get('steps'),
-                    train_seconds=i.get('train_seconds'))
-        for when in ('before', 'after'):
-            line.update({f'{when} {k}': v for k, v in (i.get(when) or {}).items() if isinstance(v, (int, float))})
-        if 'after club' in line: line['club ceiling'] = round(ceiling, 3)  # the most I(z^sh; z^sp) can be on CLUB's noisy channel
-        out.append(line)
-    return pd.DataFrame(out)
-
-
-def _write_results(out: Path, config: RunConfig, prepared: Prepared, frame: pd.DataFrame, tests: pd.DataFrame,
-                   verdicts: pd.DataFrame, skipped: dict, why_no_tests: str = '', target_line: str = ''):
-    "results.csv, significance.csv, claims.csv and results.md (protocol, marked table, intervals, notes, claims)."
-    _write_csv(out / 'results.csv', frame)
-    if len(tests): _write_csv(out / 'significance.csv', tests)
-    if len(verdicts): _write_csv(out / 'claims.csv', verdicts)
-    table = results_table(frame, tests)
-    notes = [f'- skipped {MODELS[k][0]}: {why}' for k, why in skipped.items()]
-    for key, seeds in capped_seeds(frame).items():
-        notes.append(f"- {MODELS[key][0]}: {STILL_IMPROVING} ({config.fit.epochs} epochs) in seed(s) "
-                     f"{', '.join(map(str, seeds))}: its validation MRR@20 peaked at the last epoch allowed")
-    if len(tests):
-        n = tests.groupby('metric').size().max()
-        legend = (f"Marks: TPAD against the row, paired over the same {len(run_seeds(config))} seed(s) and test samples "
-                  f"({'bootstrap over seeds and test sessions' if config.significance == 'bootstrap' else 'Wilcoxon signed-rank per sample'}), "
-                  f"Holm-corrected over the {n} comparisons of each column: ▲ TPAD is better than this row at "
-                  f"{config.alpha:g}, ▼ worse, = no significant difference (`significance.csv`).")
-    else: legend = f"No paired tests: {why_no_tests}" if why_no_tests else ''
-    text = (f"# Results: {run_name(config)}\n\n{protocol_text(config, prepared)}" + (f" {target_line}" if target_line else '')
-            + f"\n\n{markdown_table(table)}\n\n{legend}\n\n"
-            f"95 % intervals of the means over seeds (Student t; one seed has none):\n\n{markdown_table(intervals_table(frame))}\n"
-            + ('\n' + '\n'.join(notes) + '\n' if notes else '')
-            + (f"\n## Claims\n\nThe abstract's claims this run can test, on {CLAIM_METRIC} per sample, paired as above:\n\n"
-               f"{claims_text(verdicts)}\n" if len(verdicts) else ''))
-    atomic_write(lambda p: p.write_text(text), out / 'results.md')
-    return table
-
-
+# %% ../nbs/09_experiment.ipynb #98982ead
 def _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage_info, ranks, times, pool, done, on_row) -> None:
     "The stages and the rows of every pipeline seed; rows in `done` are kept, not refitted; `on_row` gets every row's line."
     plain, staged, ahead = None, {}, {}
@@ -943,7 +870,7 @@ def _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage
         _rows_for_seed(config, keys, needs, prepared, aligned, seed, out, ranks, log, pool, done, on_row, ahead.get(seed))
         times['models'] = round(times['models'] + time.perf_counter() - t0, 1)
 
-
+# %% ../nbs/09_experiment.ipynb #0e90b679
 def _print_plan(config, data, prepared, keys, needs, seeds, done, world, log, target=None) -> pd.DataFrame:
     "Log what the run will do and an estimate of how long, from a short probe, before the long work starts."
     todo = [k for k in keys if any((k, s) not in done for s in seeds)]
@@ -964,7 +891,54 @@ def _print_plan(config, data, prepared, keys, needs, seeds, done, world, log, ta
         + f"\n[plan] about {total / 60:.1f} min in all ({jobs} row process(es)); --plan false skips this probe")
     return plan
 
+# %% ../nbs/09_experiment.ipynb #39ef682d
+def _stage_rows(stage_info: dict, config: RunConfig) -> pd.DataFrame:
+    "One line per (stage, seed): time, steps, reuse, and Stage 2b's before/after numbers, CLUB's beside its channel's ceiling."
+    out, ceiling = [], channel_mi_ceiling(config.align.dim, config.align.noise)
+    for (name, seed), i in stage_info.items():
+        line = dict(stage=name, seed=seed, seconds=i.get('seconds'), reused=i.get('reused'), steps=i.get('steps'),
+                    train_seconds=i.get('train_seconds'))
+        for when in ('before', 'after'):
+            line.update({f'{when} {k}': v for k, v in (i.get(when) or {}).items() if isinstance(v, (int, float))})
+        if 'after club' in line: line['club ceiling'] = round(ceiling, 3)  # the most I(z^sh; z^sp) can be on CLUB's noisy channel
+        out.append(line)
+    return pd.DataFrame(out)
 
+# %% ../nbs/09_experiment.ipynb #81eb968d
+def _save_ranks(out: Path, ranks: dict):
+    "Every row's per-sample test ranks, per seed, as one safetensors file: `<row>/seed<s>/<overall|cold>`."
+    tensors = {f'{k}/seed{s}/{part}': r.to(torch.int64).contiguous() for (k, s), parts in ranks.items()
+               for part, r in parts.items() if r is not None}
+    if tensors: atomic_write(lambda p: save_file(tensors, str(p)), out / 'ranks.safetensors')
+
+def _write_results(out: Path, config: RunConfig, prepared: Prepared, frame: pd.DataFrame, tests: pd.DataFrame,
+                   verdicts: pd.DataFrame, skipped: dict, why_no_tests: str = '', target_line: str = ''):
+    "results.csv, significance.csv, claims.csv and results.md (protocol, marked table, intervals, notes, claims)."
+    write_csv(out / 'results.csv', frame)
+    if len(tests): write_csv(out / 'significance.csv', tests)
+    if len(verdicts): write_csv(out / 'claims.csv', verdicts)
+    table = results_table(frame, tests)
+    notes = [f'- skipped {MODELS[k][0]}: {why}' for k, why in skipped.items()]
+    for key, seeds in capped_seeds(frame).items():
+        notes.append(f"- {MODELS[key][0]}: {STILL_IMPROVING} ({config.fit.epochs} epochs) in seed(s) "
+                     f"{', '.join(map(str, seeds))}: its validation MRR@20 peaked at the last epoch allowed")
+    if len(tests):
+        n = tests.groupby('metric').size().max()
+        legend = (f"Marks: TPAD against the row, paired over the same {len(run_seeds(config))} seed(s) and test samples "
+                  f"({'bootstrap over seeds and test sessions' if config.significance == 'bootstrap' else 'Wilcoxon signed-rank per sample'}), "
+                  f"Holm-corrected over the {n} comparisons of each column: ▲ TPAD is better than this row at "
+                  f"{config.alpha:g}, ▼ worse, = no significant difference (`significance.csv`).")
+    else: legend = f"No paired tests: {why_no_tests}" if why_no_tests else ''
+    text = (f"# Results: {run_name(config)}\n\n{protocol_text(config, prepared)}" + (f" {target_line}" if target_line else '')
+            + f"\n\n{markdown_table(table)}\n\n{legend}\n\n"
+            f"95 % intervals of the means over seeds (Student t; one seed has none):\n\n{markdown_table(intervals_table(frame))}\n"
+            + ('\n' + '\n'.join(notes) + '\n' if notes else '')
+            + (f"\n## Claims\n\nThe abstract's claims this run can test, on {CLAIM_METRIC} per sample, paired as above:\n\n"
+               f"{claims_text(verdicts)}\n" if len(verdicts) else ''))
+    atomic_write(lambda p: p.write_text(text), out / 'results.md')
+    return table
+
+# %% ../nbs/09_experiment.ipynb #bd590f8a
 class RunConfigError(DataFormatError):
     "Data, or a config that cannot run on them, found wrong before any training: `tpad run` says it in one line."
 
@@ -987,14 +961,65 @@ def check_run(config: RunConfig) -> RunConfig:
     check_out_dir(run_dir(config))
     return config
 
-
-def run(config: RunConfig, log=print) -> dict:
-    "Run the experiment `config` end to end, once per pipeline seed, and write its outputs (and the results table) to its run folder (`run_dir`); under `accelerate launch` the MLLM stages use every process and the rest runs in process 0."
-    path, keys, seeds = _data_path(config), model_keys(config), run_seeds(config)
+# %% ../nbs/09_experiment.ipynb #923f90ca
+def _check_run_options(config: RunConfig):
+    "Raise on a figures, significance or threads option that `run` cannot take."
     if config.figures not in FIGURES: raise ValueError(f"config.figures must be one of {FIGURES}, not {config.figures!r}")
     if config.significance not in ('bootstrap', 'wilcoxon', 'none'):
         raise ValueError(f"config.significance must be 'bootstrap', 'wilcoxon' or 'none', not {config.significance!r}")
     if config.threads < 0: raise ValueError(f"config.threads must be >= 0 (0 = torch's default), not {config.threads}")
+
+
+def _load_prepared(config: RunConfig, path, out: Path, main: bool, log=print) -> tuple:
+    "(data, prepared, stats, splits) of the run; process 0 writes stats.csv, preprocess_report.csv and splits.csv. Bad data raise RunConfigError."
+    try:  # bad data or a split that does not fit them: one line from `tpad run`, before any training
+        data = load(config.dataset, path, **_load_options(config))
+        log(f"[data] {data}")
+        prepared = preprocess(data, config.preprocess)
+    except ValueError as e: raise RunConfigError(str(e)) from e
+    stats, splits = data.stats(), prepared.summary()
+    log(f"[preprocess] {prepared}; split: {prepared.split_rule}")
+    if main:
+        write_csv(out / 'stats.csv', stats)
+        write_csv(out / 'preprocess_report.csv', prepared.report.to_frame())
+        write_csv(out / 'splits.csv', splits)
+    return data, prepared, stats, splits
+
+
+def _skipped_rows(config: RunConfig, data: SessionData, keys) -> dict:
+    "{row: why} of the rows that cannot run here: features without item content, plain features without their extra."
+    skipped = {}
+    if not has_content(data):
+        for k in keys:
+            if MODELS[k][1] is not None: skipped[k] = f'dataset {config.dataset!r} has no item text or images'
+    if 'msbr_plain' in keys and 'msbr_plain' not in skipped and not baselines.plain_available():
+        skipped['msbr_plain'] = f'the plain pre-trained encoders are not installed: {baselines.PLAIN_EXTRA}'
+    return skipped
+
+
+def _resumable_rows(out: Path, key: str, keys, seeds, log=print) -> dict:
+    "The (row, seed)s of this run that an earlier run into `out` with the same `rows_key` finished (`finished_rows`)."
+    done = {r: v for r, v in finished_rows(out, key).items() if r[0] in keys and r[1] in seeds}
+    if done: log(f"[resume] {len(done)} row(s) finished by an earlier run in {out} with the same settings are kept, not "
+                 f"refitted: " + ', '.join(f'{k} seed {s}' for k, s in done))
+    return done
+
+
+def _row_pool(config: RunConfig, prepared: Prepared, out: Path, jobs: int, n_todo: int, log=print):
+    "A pool of `jobs` processes for the recommender rows when more than one row is to be fitted, else None (one after another here)."
+    if jobs > 1 and n_todo > 1:  # spawned, not forked: a fork after torch's thread pool started can hang
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_start_row_worker,
+                                   initargs=(prepared, config, out))
+        log(f'[run] recommenders: {jobs} processes side by side, 1 torch thread each')
+        return pool
+    log(f'[run] recommenders: one after another, {torch.get_num_threads()} torch thread(s)')
+    return None
+
+# %% ../nbs/09_experiment.ipynb #68225aca
+def run(config: RunConfig, log=print) -> dict:
+    "Run the experiment `config` end to end, once per pipeline seed, and write its outputs (and the results table) to its run folder (`run_dir`); under `accelerate launch` the MLLM stages use every process and the rest runs in process 0."
+    path, keys, seeds = _data_path(config), model_keys(config), run_seeds(config)
+    _check_run_options(config)
     rank, world = process_layout()
     main = rank == 0
     if not main: log = lambda *a, **k: None  # one voice per run
@@ -1003,40 +1028,19 @@ def run(config: RunConfig, log=print) -> dict:
     out = check_out_dir(run_dir(config))  # before any work: an unwritable or full disk fails here, naming the folder
     log(f'[run] {run_name(config)} -> {out}; {torch.get_num_threads()} torch thread(s) in this process '
         f'(--threads; keep processes x threads <= the {_cores()} core(s))')
-    if main: _write_json(out / 'config.json', dataclasses.asdict(config))
+    if main: write_json(out / 'config.json', dataclasses.asdict(config), indent=2)
     times, t_all = {}, time.perf_counter()
-    t0 = time.perf_counter()
-    try:  # bad data or a split that does not fit them: one line from `tpad run`, before any training
-        data = load(config.dataset, path, **_load_options(config))
-        log(f"[data] {data}")
-        prepared = preprocess(data, config.preprocess)
-    except ValueError as e: raise RunConfigError(str(e)) from e
-    stats = data.stats()
-    report, splits = report_table(prepared.report), prepared.summary()
-    log(f"[preprocess] {prepared}; split: {prepared.split_rule}")
-    if main:
-        _write_csv(out / 'stats.csv', stats)
-        _write_csv(out / 'preprocess_report.csv', prepared.report.to_frame())
-        _write_csv(out / 'splits.csv', splits)
-    times['data'] = round(time.perf_counter() - t0, 1)
-
-    skipped, needs = {}, {k: MODELS[k][1] for k in keys}
-    if not has_content(data):
-        for k, f in needs.items():
-            if f is not None: skipped[k] = f'dataset {config.dataset!r} has no item text or images'
-    if 'msbr_plain' in keys and 'msbr_plain' not in skipped:
-        if not baselines.plain_available():
-            skipped['msbr_plain'] = f'the plain pre-trained encoders are not installed: {baselines.PLAIN_EXTRA}'
+    data, prepared, stats, splits = _load_prepared(config, path, out, main, log)
+    times['data'] = round(time.perf_counter() - t_all, 1)
+    skipped = _skipped_rows(config, data, keys)
     for k, why in skipped.items(): log(f'[skip] {MODELS[k][0]}: {why}')
     keys = [k for k in keys if k not in skipped]
-
+    needs = {k: MODELS[k][1] for k in keys}
     target = knowledge_target_of(config, data.items, {needs[k] for k in keys} - {None, 'plain'})
     target_line = f'**Generation target** (Stages 1 and 2b). {target.note}' if target is not None else ''
     if target is not None: log(f'[stage1] {target.note}')
     key = rows_key(config, data)
-    done = {r: v for r, v in finished_rows(out, key).items() if r[0] in keys and r[1] in seeds} if main else {}
-    if done: log(f"[resume] {len(done)} row(s) finished by an earlier run in {out} with the same settings are kept, not "
-                 f"refitted: " + ', '.join(f'{k} seed {s}' for k, s in done))
+    done = _resumable_rows(out, key, keys, seeds, log) if main else {}
     if config.plan and main: _print_plan(config, data, prepared, keys, needs, seeds, done, world, log, target)
     stage_info, ranks, rows = {}, {}, []
 
@@ -1045,19 +1049,18 @@ def run(config: RunConfig, log=print) -> dict:
         _save_progress(out, key, rows, ranks, config, prepared, skipped, len(keys) * len(seeds), target_line)
 
     times.update(stages=0.0, models=0.0)
-    jobs, pool = row_jobs(config), None
-    n_todo = sum((k, s) not in done for k in keys for s in seeds)
-    if main and jobs > 1 and n_todo > 1:  # spawned, not forked: a fork after torch's thread pool started can hang
-        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_start_row_worker,
-                                   initargs=(prepared, config, out))
-        log(f'[run] recommenders: {jobs} processes side by side, 1 torch thread each')
-    elif main: log(f'[run] recommenders: one after another, {torch.get_num_threads()} torch thread(s)')
+    jobs, n_todo = row_jobs(config), sum((k, s) not in done for k in keys for s in seeds)
+    pool = _row_pool(config, prepared, out, jobs, n_todo, log) if main else None
     try: _run_seeds(config, data, prepared, keys, needs, seeds, out, log, main, stage_info, ranks, times, pool, done, on_row)
     finally:
         if pool is not None: pool.shutdown()
     if not main: return {}
     return _finish(config, data, prepared, stats, splits, keys, seeds, out, rows, ranks, stage_info, skipped, times, t_all, log, target_line)
 
+# %% ../nbs/09_experiment.ipynb #2f9d1b5a
+def _first_stage_seed(stage_info: dict) -> int | None:
+    "The first pipeline seed whose stages ran (the one the figures and the summary's alignment numbers come from)."
+    return next((s for name, s in stage_info if name != 'plain'), None)
 
 def _finish(config, data, prepared, stats, splits, keys, seeds, out, rows, ranks, stage_info, skipped, times, t_all, log, target_line='') -> dict:
     "After the last row: figures, paired tests, claims, results.md, stages.csv and summary.json."
@@ -1077,7 +1080,7 @@ def _finish(config, data, prepared, stats, splits, keys, seeds, out, rows, ranks
     verdicts = claims(tests, keys, config.alpha) if 'tpad' in keys else pd.DataFrame()
     table = _write_results(out, config, prepared, frame, tests, verdicts, skipped, why_no_tests, target_line)
     stage_frame = _stage_rows({k: v for k, v in stage_info.items() if k[0] != 'plain'}, config)
-    if len(stage_frame): _write_csv(out / 'stages.csv', stage_frame)
+    if len(stage_frame): write_csv(out / 'stages.csv', stage_frame)
     times['total'] = round(time.perf_counter() - t_all, 1)
     first = {name: i for (name, s), i in stage_info.items() if s == first_seed}
     alignment = {k[len('align-'):]: dict(before=v.get('before'), after=v.get('after')) for k, v in first.items()
@@ -1090,7 +1093,7 @@ def _finish(config, data, prepared, stats, splits, keys, seeds, out, rows, ranks
                    cold_start=prepared.cold_report.to_dict('records'), seconds=times, skipped=skipped,
                    stages=by_stage, alignment=alignment, figures=figures, figures_skipped=no_figures,
                    claims=verdicts.to_dict('records'), significance=why_no_tests or 'significance.csv')
-    _write_json(out / 'summary.json', summary)
+    write_json(out / 'summary.json', summary, indent=2)
     log('\n' + table[['model', 'HR@20', 'MRR@20', 'NDCG@20', 'cold HR@20', 'cold MRR@20']
                      if 'cold HR@20' in table else ['model', 'HR@20', 'MRR@20', 'NDCG@20']].to_string(index=False))
     if len(verdicts): log('\n[claims]\n' + claims_text(verdicts))
@@ -1098,7 +1101,6 @@ def _finish(config, data, prepared, stats, splits, keys, seeds, out, rows, ranks
     log(f"wrote {out}/: results.md, results.csv, summary.json, config.json, splits.csv, stages/, models/"
         + (', figures/' if figures else ''))
     return summary
-
 
 # %% ../nbs/09_experiment.ipynb #a26c2a38
 EVIDENCE_FILES = ('results.md', 'results.csv', 'significance.csv', 'claims.csv', 'stages.csv', 'summary.json')
