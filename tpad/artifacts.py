@@ -23,7 +23,7 @@ import pandas as pd
 # %% auto #0
 __all__ = ['STAGE_SEAL', 'STAGE_TENSORS', 'MODELS', 'FITTED_ON_THE_FLY', 'umask', 'atomic_write', 'write_json', 'write_csv',
            'digest', 'tensor_hash', 'seal_of', 'save_sealed', 'load_sealed', 'save_features', 'load_features',
-           'stage_folder', 'model_folder', 'stage_tensors', 'feature_stage', 'isolated_rng']
+           'stage_folder', 'save_stage', 'load_stage', 'model_folder', 'stage_tensors', 'feature_stage', 'isolated_rng']
 
 # %% ../nbs/00_artifacts.ipynb #9293bcaf
 def _write_error(e: BaseException, path) -> OSError:
@@ -147,6 +147,19 @@ def stage_folder(run_dir, name: str, seed: int = 0) -> Path:
 # %% ../nbs/00_artifacts.ipynb #03b0ad61
 STAGE_SEAL = 'stage.json'
 STAGE_TENSORS = 'outputs.safetensors'
+
+
+def save_stage(folder, key: str, tensors: dict, **info) -> Path:
+    "Write a stage's tensors (`outputs.safetensors`) and then its seal (`stage.json`) holding `key` and `info`."
+    folder = Path(folder)
+    save_sealed(folder / STAGE_TENSORS, tensors, dict(key=key, **info), seal=folder / STAGE_SEAL)
+    return folder
+
+
+def load_stage(folder, key: str) -> tuple[dict, dict] | None:
+    "(tensors, seal) of a sealed stage in `folder` run with `key`, else None."
+    folder = Path(folder)
+    return load_sealed(folder / STAGE_TENSORS, key=key, seal=folder / STAGE_SEAL)
 
 
 def model_folder(run_dir, key: str, seed: int = 0) -> Path:

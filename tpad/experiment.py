@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .data import FORMAT_MODULES, LOADERS, DataFormatError, SessionData, load
-from .artifacts import MODELS, STAGE_SEAL, STAGE_TENSORS, atomic_write, digest, feature_stage, isolated_rng
-from .artifacts import load_sealed, model_folder, save_sealed, stage_folder, write_csv, write_json
+from .artifacts import MODELS, atomic_write, digest, feature_stage, isolated_rng
+from .artifacts import load_stage, model_folder, save_stage, stage_folder, write_csv, write_json
 from .preprocess import Prepared, PreprocessConfig, preprocess, rows_in_index_order
 from .mllm import MLLMConfig, add_adapters, corpus_texts, every_process, load_mllm, process_layout, wait_for_everyone
 from .stage1 import Stage1Config, check_knowledge_target, knowledge_features, tiny_stage1_config, train_knowledge
@@ -54,11 +54,11 @@ __all__ = ['DERIVED', 'ID_ONLY', 'PRESETS', 'DATA_SOURCES', 'STAGE_SEEDS', 'MIN_
            'MARKED', 'ID_ONLY_KEYS', 'CLAIMS', 'CLAIM_METRIC', 'FIGURES', 'RUN_CONTROL', 'PROBE_BATCHES',
            'EVIDENCE_FILES', 'EVIDENCE_COLUMNS', 'EVIDENCE_URL', 'BENCHMARK_METRICS', 'RunConfig', 'make_config',
            'run_name', 'run_dir', 'config_arguments', 'config_from_args', 'run_seeds', 'seeded', 'check_out_dir',
-           'save_stage', 'load_stage', 'model_keys', 'has_content', 'run_stages', 'capped_seeds', 'fit_and_score',
-           'results_table', 'intervals_table', 'markdown_table', 'per_sample', 'paired_tests', 'claims', 'claims_text',
-           'protocol_text', 'run_figures', 'rows_key', 'finished_rows', 'plan_rows', 'plan_stages', 'row_jobs',
-           'RunConfigError', 'knowledge_target_of', 'check_run', 'run', 'evidence_link', 'evidence_markdown',
-           'all_users', 'benchmark_markdown']
+           'model_keys', 'has_content', 'run_stages', 'capped_seeds', 'fit_and_score', 'results_table',
+           'intervals_table', 'markdown_table', 'per_sample', 'paired_tests', 'claims', 'claims_text', 'protocol_text',
+           'run_figures', 'rows_key', 'finished_rows', 'plan_rows', 'plan_stages', 'row_jobs', 'RunConfigError',
+           'knowledge_target_of', 'check_run', 'run', 'evidence_link', 'evidence_markdown', 'all_users',
+           'benchmark_markdown']
 
 # %% ../nbs/09_experiment.ipynb #a68db625
 @dataclass
@@ -294,19 +294,6 @@ def check_out_dir(out, min_free_mb: float = MIN_FREE_MB) -> Path:
         raise OSError(errno.ENOSPC, f"the output folder {out} is on a disk with {free / 2**20:.1f} MiB free; "
                                     f"a run needs at least {min_free_mb:g} MiB")
     return out
-
-# %% ../nbs/09_experiment.ipynb #4201b47c
-def save_stage(folder, key: str, tensors: dict, **info) -> Path:
-    "Write a stage's tensors (`outputs.safetensors`) and then its seal (`stage.json`) holding `key` and `info`."
-    folder = Path(folder)
-    save_sealed(folder / STAGE_TENSORS, tensors, dict(key=key, **info), seal=folder / STAGE_SEAL)
-    return folder
-
-
-def load_stage(folder, key: str) -> tuple[dict, dict] | None:
-    "(tensors, seal) of a sealed stage in `folder` run with `key`, else None."
-    folder = Path(folder)
-    return load_sealed(folder / STAGE_TENSORS, key=key, seal=folder / STAGE_SEAL)
 
 # %% ../nbs/09_experiment.ipynb #db607ba5
 def model_keys(config: RunConfig) -> list[str]:
