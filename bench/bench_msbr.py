@@ -48,14 +48,14 @@ def main():
     prepared = preprocess(load('toyshop'), min_item_support=2)
     items = prepared.items
     feats = torch.tensor(pd.get_dummies(items[['category', 'colour', 'pattern', 'brand']].astype(str)).to_numpy(dtype='float32'))
-    fc = FitConfig(lr=a.lr, lr_step=a.lr_step, epochs=a.epochs, patience=a.patience, seed=a.seed)
+    fc = FitConfig(lr=a.lr, lr_step=a.lr_step, epochs=a.epochs, patience=a.patience)
     rows = []
     for enc in a.encoders.split(','):
         for name, f in (('ID only', None), ('ID + one-hot (sum)', feats)):
             torch.manual_seed(a.seed)
             model = MSBR(prepared.n_items, MSBRConfig(dim=a.dim, encoder=enc), f)
             t0 = time.perf_counter()
-            r = fit(model, prepared, fc)
+            r = fit(model, prepared, fc, seed=a.seed)
             test = evaluate_model(model, prepared, 'test')
             rows.append({'encoder': enc, 'items': name, 'epochs': len(r.history), 'best_epoch': r.best_epoch,
                          's/epoch': round(float(r.history.seconds.mean()), 2), 'fit_s': round(time.perf_counter() - t0, 1),

@@ -62,7 +62,30 @@ def test_the_recommender_and_its_training_leave_the_rng_alone(tmp_path):
     from tpad.toyshop import toyshop_path
     prepared = preprocess(load('csv', toyshop_path()), min_item_support=2)
     model = MSBR(prepared.n_items, MSBRConfig())  # an nn.Module: its initial weights come from the caller's RNG, as in torch
-    config = FitConfig(epochs=1, max_train_samples=300, progress=False)
+    config = FitConfig(epochs=1, max_train_samples=300)
     unchanged, result = leaves_rng_alone(lambda: fit(model, prepared, config))
     assert unchanged
     assert result is not None
+
+
+def test_train_leaves_the_global_rng_alone():
+    import random
+    import numpy as np
+    from torch import nn
+    from torch.utils.data import TensorDataset
+    from tpad.train import TrainConfig, train
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g)
+    data = TensorDataset(x, x.sum(1))
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 1))  # dropout: draws inside train
+    loss_fn = lambda m, b: nn.functional.mse_loss(m(b[0]).squeeze(-1), b[1])
+    random.seed(5); np.random.seed(5)
+    py_before, np_before = random.getstate(), np.random.get_state()
+    call = lambda: train(model, data, None, loss_fn, TrainConfig(batch_size=8, max_steps=3, seed=1), out_dir='',
+                         progress=False)  # out_dir='': nothing written
+    unchanged, result = leaves_rng_alone(call)
+    assert unchanged
+    assert random.getstate() == py_before
+    np_after = np.random.get_state()
+    assert np_after[0] == np_before[0] and np.array_equal(np_after[1], np_before[1]) and np_after[2:] == np_before[2:]
+    assert result.step == 3

@@ -48,6 +48,8 @@ class MSBRConfig:
     feature_dropout: float = field(default=0.0, metadata={"help": "dropout on the standardised features before the projection W"})
     unseen_id: str = field(default='zero', metadata={"help": "ID part of items without training clicks: 'zero' (known by their features only) or 'learn' (trained like the others, as negatives only)"})
 
+    def __post_init__(self): check_msbr_config(self)  # a bad value fails where the config is made
+
 
 def check_msbr_config(c: MSBRConfig) -> MSBRConfig:
     "Raise a ValueError listing every bad field of `c`; return `c`."
@@ -493,7 +495,7 @@ NEGATIVES = ('all', 'seen')
 
 @dataclass
 class FitConfig:
-    "Every knob of the one training loop of the neural models."
+    "Every knob of the one training loop of the neural models (the seed and the output folder of a run are `fit`'s arguments)."
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (SR-GNN: 1e-3)"})
     l2: float = field(default=1e-5, metadata={"help": "L2 penalty, as Adam's weight_decay (SR-GNN: 1e-5)"})
     batch_size: int = field(default=100, metadata={"help": "training prefixes per step (SR-GNN: 100)"})
@@ -502,11 +504,10 @@ class FitConfig:
     lr_step: int = field(default=3, metadata={"help": "StepLR: multiply the lr by lr_gamma every lr_step epochs (0 = constant lr; SR-GNN: 3)"})
     lr_gamma: float = field(default=0.1, metadata={"help": "StepLR decay factor (SR-GNN: 0.1)"})
     eval_batch_size: int = field(default=500, metadata={"help": "prefixes per validation batch (memory: eval_batch_size x n_items scores)"})
-    seed: int = field(default=0, metadata={"help": "seed of the data order and dropout"})
-    out_dir: str = field(default='', metadata={"help": "write the best model here as model.safetensors + model.json ('' = no checkpoint)"})
-    progress: bool = field(default=False, metadata={"help": "print one line per epoch"})
     max_train_samples: int = field(default=0, metadata={"help": "train on a fixed random subset of this many training prefixes (0 = all)"})
     negatives: str = field(default='all', metadata={"help": "training softmax over 'all' items, or only those 'seen' (clicked) in the training split: never-clicked items are then not pushed down as negatives (every item is still ranked at test)"})
+
+    def __post_init__(self): check_fit_config(self)
 
 
 @dataclass
@@ -551,7 +552,7 @@ def save_model(out_dir, model: nn.Module, info: dict) -> Path:
 
 
 def load_msbr(out_dir, features=None) -> MSBR:
-    "The MSBR saved by `fit(..., FitConfig(out_dir=...))`; pass the same features it was trained with."
+    "The MSBR saved by `fit(..., out_dir=...)`; pass the same features it was trained with."
     out = Path(out_dir)
     if not (out / 'model.json').is_file():
         raise FileNotFoundError(f"{out}: no model.json (no checkpoint here, or it was not completed)")
@@ -599,19 +600,21 @@ def _train_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device, u
     return total / n
 
 # %% ../nbs/07_msbr.ipynb #a8bd8170
-def fit(model: nn.Module, prepared: Prepared, config: FitConfig | None = None) -> FitResult:
+def fit(model: nn.Module, prepared: Prepared, config: FitConfig | None = None, seed: int = 0, out_dir: str | Path = '',
+        progress: bool = False) -> FitResult:
     "Train `model` on the train split; early stopping on validation MRR@20; the best weights are restored."
     c = check_fit_config(config or FitConfig())
+    saved = dict(fit_config=asdict(c), seed=seed)  # what trained the model, in its model.json
     valid, train, params = _fit_inputs(model, prepared, c)
     device, t_start = _device_of(model), time.perf_counter()
     if hasattr(model, 'set_seen_items'): model.set_seen_items(prepared.train_counts[1:] > 0)
     unseen = torch.as_tensor(prepared.train_counts[1:] == 0, device=device) if c.negatives == 'seen' else None
     history, best, best_state, best_epoch, bad, checkpoint = [], -1.0, None, 0, 0, None
     # isolated_rng gives back the caller's CPU generator; fork_rng also gives back the CUDA one
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), isolated_rng(c.seed):
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), isolated_rng(seed):
         opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.l2)
         sched = torch.optim.lr_scheduler.StepLR(opt, c.lr_step, c.lr_gamma) if c.lr_step else None
-        loader = PrefixBatches(train, batch_size=c.batch_size, shuffle=True, seed=c.seed)  # prefix_loader's batches, faster
+        loader = PrefixBatches(train, batch_size=c.batch_size, shuffle=True, seed=seed)  # prefix_loader's batches, faster
         stopped = 'epochs'
         for epoch in range(1, c.epochs + 1):
             t0, lr = time.perf_counter(), opt.param_groups[0]['lr']
@@ -625,11 +628,11 @@ def fit(model: nn.Module, prepared: Prepared, config: FitConfig | None = None) -
             if improved:
                 best, best_epoch, bad = metrics['MRR@20'], epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if c.out_dir:
-                    checkpoint = save_model(c.out_dir, model, dict(fit_config=asdict(c), best_epoch=epoch,
-                                                                   valid=metrics, history=history, complete=False))
+                if out_dir:
+                    checkpoint = save_model(out_dir, model, dict(**saved, best_epoch=epoch, valid=metrics,
+                                                                 history=history, complete=False))
             else: bad += 1
-            if c.progress:
+            if progress:
                 print(f"epoch {epoch:3d}  lr {lr:.2e}  loss {row['loss']:.4f}  valid MRR@20 {metrics['MRR@20']:.4f}  "
                       f"HR@20 {metrics['HR@20']:.4f}  {row['seconds']:.1f} s{'  *' if improved else ''}")
             if bad >= c.patience:
@@ -638,19 +641,18 @@ def fit(model: nn.Module, prepared: Prepared, config: FitConfig | None = None) -
     model.load_state_dict(best_state)
     model.eval()
     best_metrics = {k[len('valid '):]: v for k, v in history[best_epoch - 1].items() if k.startswith('valid ')}
-    if c.out_dir:  # the final JSON: the whole history, and the reason training stopped
-        checkpoint = save_model(c.out_dir, model, dict(fit_config=asdict(c), best_epoch=best_epoch, valid=best_metrics,
-                                                       history=history, stopped=stopped, complete=True))
+    if out_dir:  # the final JSON: the whole history, and the reason training stopped
+        checkpoint = save_model(out_dir, model, dict(**saved, best_epoch=best_epoch, valid=best_metrics,
+                                                     history=history, stopped=stopped, complete=True))
     return FitResult(model, pd.DataFrame(history), best_epoch, best_metrics, stopped, time.perf_counter() - t_start, checkpoint)
 
 # %% ../nbs/07_msbr.ipynb #ca6e38a0
-def _seed_row(make_model: Callable, prepared: Prepared, seed: int, base: FitConfig, ks) -> dict:
+def _seed_row(make_model: Callable, prepared: Prepared, seed: int, base: FitConfig, ks, out_dir) -> dict:
     "Build, train and score the recommender of one seed: its row of `seed_runs`."
     t0 = time.perf_counter()
     model = make_model(seed)
     if isinstance(model, nn.Module) and any(p.requires_grad for p in model.parameters()):
-        out = str(Path(base.out_dir) / f'seed{seed}') if base.out_dir else ''
-        res = fit(model, prepared, dataclasses.replace(base, seed=seed, out_dir=out))
+        res = fit(model, prepared, base, seed=seed, out_dir=Path(out_dir) / f'seed{seed}' if out_dir else '')
         info = dict(epochs=len(res.history), best_epoch=res.best_epoch)
     elif hasattr(model, 'fit'):
         model = model.fit(prepared) or model
@@ -666,11 +668,11 @@ def _seed_row(make_model: Callable, prepared: Prepared, seed: int, base: FitConf
 
 
 def seed_runs(make_model: Callable, prepared: Prepared, seeds=(0, 1, 2), fit_config: FitConfig | None = None,
-              ks=(5, 10, 20)) -> pd.DataFrame:
-    "Train and score one recommender per seed; one row per seed: valid, test and cold-start test metrics."
+              ks=(5, 10, 20), out_dir: str | Path = '') -> pd.DataFrame:
+    "Train and score one recommender per seed; one row per seed: valid, test and cold-start test metrics; checkpoints in `out_dir/seed{s}`."
     base, rows = fit_config or FitConfig(), []
     for seed in seeds:
-        with isolated_rng(seed): rows.append(_seed_row(make_model, prepared, seed, base, ks))
+        with isolated_rng(seed): rows.append(_seed_row(make_model, prepared, seed, base, ks, out_dir))
     return pd.DataFrame(rows)
 
 

@@ -78,7 +78,8 @@ class TrainConfig:
         "help": "recompute activations in the backward pass to save memory: calls the model's "
                 "activation_checkpointing_enable() or gradient_checkpointing_enable() (non-reentrant)"})
     seed: int = field(default=0, metadata={
-        "help": "seeds python, numpy and torch at the start and fixes the data order of every epoch"})
+        "help": "seeds python, numpy and torch inside train (the caller's generators are restored afterwards) and "
+                "fixes the data order of every epoch"})
     shuffle: bool = field(default=True, metadata={"help": "shuffle the training data each epoch (seeded by seed and epoch)"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     log_every: int = field(default=10, metadata={
@@ -86,16 +87,16 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={
         "help": "validation loss every this many steps (0 = only at the last step); needs val_dataset"})
     save_every: int = field(default=0, metadata={
-        "help": "checkpoint every this many steps (0 = only at the last step); needs out_dir"})
+        "help": "checkpoint every this many steps (0 = only at the last step); needs train's out_dir"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep only the newest this many checkpoints (0 = all)"})
-    out_dir: str = field(default='runs/train', metadata={
-        "help": "folder for config.json, history.jsonl and checkpoint-<step>/ ('' = write nothing)"})
     overwrite: bool = field(default=False, metadata={
-        "help": "if out_dir already holds a run and resume is '': delete its checkpoints and history (else an error)"})
+        "help": "if train's out_dir already holds a run and resume is '': delete its checkpoints and history "
+                "(else an error)"})
     resume: str = field(default='', metadata={
-        "help": "'' = start fresh, 'latest' = newest checkpoint in out_dir (fresh if there is none), "
+        "help": "'' = start fresh, 'latest' = newest checkpoint in train's out_dir (fresh if there is none), "
                 "or the path of a checkpoint folder"})
-    progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar (main process only)"})
+
+    def __post_init__(self): _check_config(self)
 
 # %% ../nbs/02a_train.ipynb #6d6df0ec
 def _check_config(c: TrainConfig):
@@ -217,6 +218,14 @@ def set_rng_state(state: dict):
             warnings.warn(f"saved CUDA RNG states for {len(state['cuda'])} device(s), {torch.cuda.device_count()} "
                           "visible: CUDA random states not restored")
         else: torch.cuda.set_rng_state_all(list(state['cuda']))
+
+
+@contextlib.contextmanager
+def _callers_rng():
+    "Inside the block the random states may change; after it (also after an error) they are what they were before."
+    saved = rng_state()
+    try: yield
+    finally: set_rng_state(saved)
 
 # %% ../nbs/02a_train.ipynb #e056bf12
 CHECKPOINT_RE = re.compile(r'^checkpoint-(\d+)$')
@@ -749,26 +758,28 @@ def _run_epoch(run: _Run, bar, recent: deque):
 
 
 def train(model: nn.Module, train_dataset, collate_fn: Callable | None, loss_fn: Callable,
-          config: TrainConfig | None = None, val_dataset=None, params=None) -> TrainResult:
-    "Train `model` to minimise `loss_fn(model, batch)` over `train_dataset` as `config` says; see the text above."
+          config: TrainConfig | None = None, val_dataset=None, params=None, out_dir: str | Path | None = 'runs/train',
+          progress: bool = True) -> TrainResult:
+    "Train `model` to minimise `loss_fn(model, batch)` over `train_dataset` as `config` says, writing into `out_dir`."
     config = config or TrainConfig()
     _check_config(config)
     t0 = time.time()
-    accelerator = _start_accelerator(config)
-    set_seed(config.seed)
-    out = Path(config.out_dir) if config.out_dir else None
-    resume_path = _resume_from(config, out, accelerator)
-    run = _prepare(model, train_dataset, collate_fn, loss_fn, config, accelerator, out, params)
-    if val_dataset is not None:
-        run.val_dl, run.val_weights = _validation_loader(val_dataset, collate_fn, config, accelerator)
-    _schedule(run)
-    _resume_or_start(run, resume_path)
-    run.trainable = [p for g in run.optimizer.param_groups for p in g['params']]
-    bar = tqdm(total=run.total, initial=run.step, desc='train', disable=not (config.progress and run.main), mininterval=0.5)
-    recent = deque(maxlen=config.log_every)  # display only: the running loss on the bar
-    try:
-        while run.step < run.total: _run_epoch(run, bar, recent)
-    finally: bar.close()
+    accelerator = _start_accelerator(config)  # first: under several processes it picks this process's GPU
+    out = Path(out_dir) if out_dir else None
+    with _callers_rng():  # seeded here; the caller's generators are put back afterwards, also after an error
+        set_seed(config.seed)
+        resume_path = _resume_from(config, out, accelerator)
+        run = _prepare(model, train_dataset, collate_fn, loss_fn, config, accelerator, out, params)
+        if val_dataset is not None:
+            run.val_dl, run.val_weights = _validation_loader(val_dataset, collate_fn, config, accelerator)
+        _schedule(run)
+        _resume_or_start(run, resume_path)
+        run.trainable = [p for g in run.optimizer.param_groups for p in g['params']]
+        bar = tqdm(total=run.total, initial=run.step, desc='train', disable=not (progress and run.main), mininterval=0.5)
+        recent = deque(maxlen=config.log_every)  # display only: the running loss on the bar
+        try:
+            while run.step < run.total: _run_epoch(run, bar, recent)
+        finally: bar.close()
     if run.fsdp: _fsdp_to_plain(run.model, run.fsdp_snapshot, accelerator.device)  # whole, ordinary weights everywhere
     return TrainResult(accelerator.unwrap_model(run.model, keep_fp32_wrapper=False), run.history, run.step, run.total,
                        run.checkpoint, resume_path, accelerator.mixed_precision, time.time() - t0)
