@@ -12,7 +12,7 @@ import torch
 
 from tpad.data import load
 from tpad.mllm import item_features
-from tpad.stage1 import stage1, tiny_stage1_config
+from tpad.stage1 import stage1, tiny_mllm_config, tiny_stage1_config
 
 
 def main():
@@ -25,14 +25,14 @@ def main():
     if args.threads: torch.set_num_threads(args.threads)
     shop = load('toyshop')
     with tempfile.TemporaryDirectory() as tmp:
-        config = tiny_stage1_config(Path(tmp) / 'stage1', Path(tmp) / 'cache', epochs=args.epochs)
+        config, mllm = tiny_stage1_config(epochs=args.epochs), tiny_mllm_config()
         config.train.batch_size, config.extract_batch_size = args.batch_size, args.extract_batch_size
         t0 = time.perf_counter()
-        out = stage1(shop, config, log=lambda *a: None)
+        out = stage1(shop, config, mllm, Path(tmp) / 'stage1', Path(tmp) / 'cache', log=lambda *a: None)
         total = time.perf_counter() - t0
         train_s = out.train.seconds
         t1 = time.perf_counter()
-        feats = item_features(out.model, out.processor, shop.items, config.mllm, batch_size=config.extract_batch_size,
+        feats = item_features(out.model, out.processor, shop.items, mllm, batch_size=config.extract_batch_size,
                               adapter='knowledge')
         extract_s = time.perf_counter() - t1
     n_train = len(shop.items) - round(config.holdout_share * len(shop.items))

@@ -14,7 +14,7 @@ import torch
 
 from tpad.data import load
 from tpad.preprocess import preprocess
-from tpad.stage1 import stage1, tiny_stage1_config
+from tpad.stage1 import stage1, tiny_mllm_config, tiny_stage1_config
 from tpad.stage2 import stage2, tiny_stage2_config, transfer_features
 from tpad.align import stage2b, tiny_align_config
 
@@ -31,29 +31,31 @@ def main():
     shop = load('toyshop')
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        s1 = stage1(shop, tiny_stage1_config(tmp / 'stage1', tmp / 'cache'), log=lambda *a: None)
+        mllm = tiny_mllm_config()
+        s1 = stage1(shop, tiny_stage1_config(), mllm, tmp / 'stage1', tmp / 'cache', log=lambda *a: None)
         knowledge = {k: v.clone() for k, v in s1.model.state_dict().items()}  # tiny model: one set of weights
-        config = tiny_stage2_config(tmp / 'stage2', tmp / 'cache', epochs=args.epochs, max_train_samples=args.samples)
+        config = tiny_stage2_config(epochs=args.epochs, max_train_samples=args.samples)
         config.train.batch_size = args.batch_size
         t0 = time.perf_counter()
         prepared = preprocess(shop)
-        out = stage2(shop, config, s1.model, s1.processor, prepared, log=lambda *a: None)
+        out = stage2(shop, config, mllm, tmp / 'stage2', tmp / 'cache', s1.model, s1.processor, prepared, log=lambda *a: None)
         total = time.perf_counter() - t0
         (tmp / 'cache' / 'h_T.json').unlink()  # force a fresh extraction
         t1 = time.perf_counter()
-        transfer_features(out.model, out.processor, shop.items, config, log=lambda *a: None)
+        transfer_features(out.model, out.processor, shop.items, mllm, tmp / 'cache', log=lambda *a: None)
         extract_s = time.perf_counter() - t1
         out.model.load_state_dict(knowledge)  # Stage 2b's student is the Stage 1 model (see nbs/06_alignment)
         t2 = time.perf_counter()
         b = stage2b(out.model, out.processor, shop.items, s1.features, out.features,
-                    tiny_align_config(tmp / 'align', tmp / 'cache', epochs=args.align_epochs), log=lambda *a: None)
+                    tiny_align_config(epochs=args.align_epochs), tiny_stage1_config(), mllm, tmp / 'align', tmp / 'cache',
+                    log=lambda *a: None)
         align_s = time.perf_counter() - t2
     n = out.train.step * args.batch_size
     result = dict(
         machine=f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, '
                 f'{torch.get_num_threads()} threads',
         epochs=args.epochs, train_samples=args.samples, batch_size=args.batch_size,
-        max_session_items=config.mllm.max_session_items, steps=out.train.step,
+        max_session_items=mllm.max_session_items, steps=out.train.step,
         train_seconds=round(out.train.seconds, 2), steps_per_s=round(out.train.step / out.train.seconds, 2),
         samples_per_s=round(n / out.train.seconds, 1),
         extract_items=len(shop.items), extract_seconds=round(extract_s, 3),

@@ -21,7 +21,7 @@ Rows (`--models`, comma-separated):
   H&M sample's articles (`prod_name. detail_desc`, ~40 tokens), `--text-items` of them, without pictures (the image
   part is left out: no item has one).
 - `stage1`: items per second of `tpad.stage1.knowledge_features` with the tiny MLLM of
-  `tpad.stage1.tiny_stage1_config()` (random weights: its speed, not its knowledge) on the same articles' titles.
+  `tpad.stage1.tiny_mllm_config()` (random weights: its speed, not its knowledge) on the same articles' titles.
 
 Numbers go to stdout and bench/results/bench_toys.json (gitignored) with the load average before and after each row;
 nothing is asserted.
@@ -93,14 +93,14 @@ def bench_plain(items: pd.DataFrame, precision: str) -> dict:
 
 def bench_stage1(items: pd.DataFrame) -> dict:
     from tpad.mllm import add_adapters, corpus_texts, load_mllm
-    from tpad.stage1 import knowledge_features, tiny_stage1_config
+    from tpad.stage1 import knowledge_features, tiny_mllm_config
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = tiny_stage1_config(Path(tmp) / 'stage1', Path(tmp) / 'cache')
+        cfg = tiny_mllm_config()
         torch.manual_seed(0)
-        model, processor = load_mllm(cfg.mllm, texts=corpus_texts(items))
-        model = add_adapters(model, cfg.mllm)
+        model, processor = load_mllm(cfg, texts=corpus_texts(items))
+        model = add_adapters(model, cfg)
         t0 = time.perf_counter()
-        f = knowledge_features(model, processor, items, cfg, log=lambda *a, **k: None)
+        f = knowledge_features(model, processor, items, cfg, Path(tmp) / 'cache', log=lambda *a, **k: None)
         s = time.perf_counter() - t0
     return dict(model='stage1', items=len(items), width=int(f.shape[1]), seconds=round(s, 2),
                 items_per_s=round(len(items) / s, 1), batch=cfg.extract_batch_size,

@@ -296,7 +296,7 @@ def train_config(batch: int, steps: int, workers: int, cuda: bool):
     return TrainConfig(lr=LR, batch_size=batch, epochs=1, max_steps=steps, warmup_steps=0, warmup_ratio=0.0,
                        schedule='constant', max_grad_norm=1.0, gradient_checkpointing=True,
                        mixed_precision='bf16' if cuda else 'no', num_workers=workers, shuffle=False, log_every=1,
-                       out_dir='', progress=False, seed=0)
+                       seed=0)
 
 
 def loss_check(losses: list) -> dict:
@@ -324,14 +324,15 @@ def phase_stage1(ctx, steps: int) -> dict:
     import pandas as pd
     from tpad.stage1 import KnowledgeData, Stage1Config, train_knowledge
     b = MODELS[ctx.key]['stage1']['batch']
-    cfg = Stage1Config(mllm=ctx.mcfg, train=train_config(b, steps, ctx.workers, ctx.cuda), target_field='text',
+    cfg = Stage1Config(train=train_config(b, steps, ctx.workers, ctx.cuda), target_field='text',
                        answer_field='category', max_target_tokens=48, holdout_share=0.0, seed=0)
     toy = ctx.items.iloc[:b]
-    probe = KnowledgeData(toy, ctx.processor, cfg)
+    probe = KnowledgeData(toy, ctx.processor, cfg, ctx.mcfg)
     probe = probe.collate([probe[i] for i in range(len(probe))])
     tokens, target = _tokens(probe), float((probe['labels'] != -100).sum(1).float().mean())
     with ForwardClock(ctx.model, ctx.sync) as clock:
-        result = train_knowledge(ctx.model, ctx.processor, pd.concat([toy] * steps, ignore_index=True), cfg)
+        result = train_knowledge(ctx.model, ctx.processor, pd.concat([toy] * steps, ignore_index=True), cfg, ctx.mcfg,
+                                 out_dir='')
     ctx.model = result.model
     losses = [r['loss'] for r in result.history if 'loss' in r]
     return dict(batch=b, steps=steps, tokens_per_row=tokens, target_tokens_per_row=target, train_s=result.seconds,
@@ -353,13 +354,13 @@ def phase_stage2(ctx, steps: int) -> dict:
     samples = Samples(clicks, np.tile(starts, steps), np.tile(starts + SESSION_ITEMS, steps), np.tile(np.arange(b), steps))
     prepared = types.SimpleNamespace(n_items=n, item_ids=np.array([None, *ctx.items['item_id']], dtype=object),
                                      samples={'train': samples})  # what train_transfer reads of a `Prepared`
-    cfg = Stage2Config(mllm=ctx.mcfg, train=train_config(b, steps, ctx.workers, ctx.cuda), lambda_next=1.0,
+    cfg = Stage2Config(train=train_config(b, steps, ctx.workers, ctx.cuda), lambda_next=1.0,
                        temperature=0.1, max_train_samples=0, max_val_samples=0, max_target_tokens=32)
-    probe = TransitionData(samples.subset(np.arange(b)), prepared, ctx.items, ctx.processor, cfg)
+    probe = TransitionData(samples.subset(np.arange(b)), prepared, ctx.items, ctx.processor, cfg, ctx.mcfg)
     probe = probe.collate([probe[i] for i in range(b)])
     session, item = _tokens(probe['session']), _tokens(probe['item'])
     with ForwardClock(ctx.model, ctx.sync, calls=2) as clock:  # the session prompts, then the next items' prompts
-        result = train_transfer(ctx.model, ctx.processor, prepared, ctx.items, cfg)
+        result = train_transfer(ctx.model, ctx.processor, prepared, ctx.items, cfg, ctx.mcfg, out_dir='')
     ctx.model = result.model
     losses = [r['loss'] for r in result.history if 'loss' in r]
     last = result.history[-1]

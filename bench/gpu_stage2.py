@@ -92,12 +92,13 @@ def build(shape: str, n_items: int, n_samples: int, device: str, folder: Path, s
 
 
 def stage2_config(args):
+    "(the Stage 2a config, the MLLM config) of this benchmark."
     from tpad.mllm import MLLMConfig
     from tpad.stage2 import Stage2Config
     mllm = MLLMConfig(max_session_items=SESSION_ITEMS, max_text_tokens=32, image_size=IMAGE_PX, lora_r=LORA["r"],
                       lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
-    return Stage2Config(mllm=mllm, lambda_next=1.0, temperature=0.1, max_train_samples=0, max_val_samples=0,
-                        max_target_tokens=32)
+    return Stage2Config(lambda_next=1.0, temperature=0.1, max_train_samples=0, max_val_samples=0,
+                        max_target_tokens=32), mllm
 
 
 class StepClock:
@@ -129,13 +130,13 @@ def worker(args) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix='tpad-gpu-stage2-') as tmp:
         items, samples, prepared, processor, model = build(args.shapes, args.items, n_samples, device, Path(tmp))
-        config = stage2_config(args)
-        data = TransitionData(samples, prepared, items, processor, config)
+        config, mllm = stage2_config(args)
+        data = TransitionData(samples, prepared, items, processor, config, mllm)
         built_s = time.perf_counter() - t0
         rows = []
         if args.loop == 'kit':
             from tpad.mllm import add_adapters, use_adapter
-            model = add_adapters(model, config.mllm)
+            model = add_adapters(model, mllm)
         else:
             from peft import LoraConfig, get_peft_model
             from tpad.mllm import LANGUAGE_ATTENTION
@@ -164,13 +165,13 @@ def worker(args) -> dict:
                 try:
                     if args.loop == 'kit':
                         cfg = dataclasses.replace(config, lambda_next=1.0 if variant == 'full' else 0.0)
-                        clock = StepClock(TransferLoss(cfg), sync)
+                        clock = StepClock(TransferLoss(cfg, mllm), sync)
                         tc = TrainConfig(lr=1e-4, batch_size=batch_size, epochs=1, max_steps=steps, warmup_steps=0,
                                          schedule='constant', max_grad_norm=1.0, gradient_checkpointing=True,
                                          mixed_precision='bf16' if cuda else 'no', num_workers=args.workers,
-                                         log_every=1, out_dir='', progress=False, seed=0)
+                                         log_every=1, seed=0)
                         with use_adapter(model, 'transfer'):
-                            result = train(model, data, data.collate, clock, tc)
+                            result = train(model, data, data.collate, clock, tc, out_dir='', progress=False)
                         model = result.model
                         losses = [r['loss'] for r in result.history]
                     else:

@@ -69,54 +69,54 @@ def main(argv=None):
         return last_hidden(model, inputs)
     mllm.last_hidden_states = align.last_hidden_states = counting  # align holds its own reference to it
 
-    data = load('toyshop')
+    data, tiny = load('toyshop'), stage1.tiny_mllm_config()
 
     def stage1_run(run_dir, resume: bool):
-        "A freshly loaded tiny MLLM and the Stage 1 config of this job for the run folder `run_dir`."
-        s1 = stage1.tiny_stage1_config(run_dir, out / 'cache', epochs=1)
+        "A freshly loaded tiny MLLM and the Stage 1 config of this job (its run folder is `run_dir`)."
+        s1 = stage1.tiny_stage1_config(epochs=1)
         t = s1.train
         t.batch_size, t.grad_accum_steps, t.max_steps, t.log_every, t.eval_every, t.save_every = BATCH, args.accum, STAGE1_STEPS, 1, 2, 2
-        t.eval_batch_size, t.keep_checkpoints, t.mixed_precision, t.progress = 9, 0, 'no', False
+        t.eval_batch_size, t.keep_checkpoints, t.mixed_precision = 9, 0, 'no'
         t.overwrite, t.resume = not resume, 'latest' if resume else ''
-        model, processor = mllm.load_mllm(s1.mllm, texts=mllm.corpus_texts(data.items))
-        return mllm.add_adapters(model, s1.mllm), processor, s1
+        model, processor = mllm.load_mllm(tiny, texts=mllm.corpus_texts(data.items))
+        return mllm.add_adapters(model, tiny), processor, s1
 
     resumed_from = None
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter('always')
         if args.resume:
             model, processor, s1 = stage1_run(Path(args.resume), resume=True)
-            result = stage1.train_knowledge(model, processor, data.items, s1)
+            result = stage1.train_knowledge(model, processor, data.items, s1, tiny, Path(args.resume))
             resumed_from = None if result.resumed_from is None else Path(result.resumed_from).name
             print(f'[rank {rank}/{world}] resumed {args.resume} from {resumed_from}: step {result.step}', flush=True)
         phase[0] = 'stage1'
         if stages: model, processor, s1 = stage1_run(out / 'stage1', resume=False)
         if 'stage1' in stages:
-            result = stage1.train_knowledge(model, processor, data.items, s1)
+            result = stage1.train_knowledge(model, processor, data.items, s1, tiny, out / 'stage1')
             print(f'[rank {rank}/{world}] stage1: step {result.step}, resumed from {result.resumed_from}', flush=True)
         if 'features' in stages:
             phase[0] = 'extract'
-            h_K = stage1.knowledge_features(model, processor, data.items, s1)
+            h_K = stage1.knowledge_features(model, processor, data.items, tiny, out / 'cache', batch_size=s1.extract_batch_size)
             print(f'[rank {rank}/{world}] features: {tuple(h_K.shape)}, {rows["extract"]} items read here', flush=True)
         if 'stage2' in stages:
             phase[0] = 'stage2'
-            s2 = stage2.tiny_stage2_config(out / 'stage2', out / 'cache', epochs=1, max_train_samples=64)
+            s2 = stage2.tiny_stage2_config(epochs=1, max_train_samples=64)
             s2.max_val_samples = 16
             t2 = s2.train
             t2.batch_size, t2.grad_accum_steps, t2.max_steps, t2.log_every, t2.eval_every = BATCH, args.accum, STAGE2_STEPS, 1, STAGE2_STEPS
-            t2.save_every, t2.mixed_precision, t2.progress = STAGE2_STEPS, 'no', False
-            r2 = stage2.train_transfer(model, processor, preprocess(data), data.items, s2)
+            t2.save_every, t2.mixed_precision = STAGE2_STEPS, 'no'
+            r2 = stage2.train_transfer(model, processor, preprocess(data), data.items, s2, tiny, out / 'stage2')
             print(f'[rank {rank}/{world}] stage2: step {r2.step}', flush=True)
         stage2b = {}
         if 'stage2b' in stages:
             phase[0] = 'stage2b'
             few = data.items.iloc[:ALIGN_ITEMS]
-            h_T = stage2.transfer_features(model, processor, few, dataclasses.replace(s2, cache_dir=str(out / 'cache2b')))
-            a = align.tiny_align_config(out / 'stage2b', out / 'cache2b', epochs=1)
+            h_T = stage2.transfer_features(model, processor, few, tiny, out / 'cache2b', batch_size=s2.extract_batch_size)
+            a = align.tiny_align_config(epochs=1)
             ta = a.train
             ta.batch_size, ta.grad_accum_steps, ta.max_steps, ta.log_every, ta.save_every = BATCH, args.accum, ALIGN_STEPS, 1, ALIGN_STEPS
-            ta.mixed_precision, ta.progress = 'no', False
-            r3 = align.stage2b(model, processor, few, h_K[:ALIGN_ITEMS], h_T, a)
+            ta.mixed_precision = 'no'
+            r3 = align.stage2b(model, processor, few, h_K[:ALIGN_ITEMS], h_T, a, s1, tiny, out / 'stage2b', out / 'cache2b')
             q = b''.join(p.detach().numpy().tobytes() for p in r3.aligner.club.parameters())
             stage2b = dict(before=r3.before, after=r3.after, q=hashlib.sha256(q).hexdigest(), steps=r3.train.step)
             print(f'[rank {rank}/{world}] stage2b: step {r3.train.step}', flush=True)

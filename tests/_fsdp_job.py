@@ -113,32 +113,33 @@ def main(argv=None):
     stage1.knowledge_loss = watching_loss
 
     data = load('toyshop')
+    # LoRA, and nothing random in the forward pass
+    lora = dataclasses.replace(stage1.tiny_mllm_config(), full_finetune=False, lora_dropout=0.0)
 
     def stage1_run(run_dir, resume: bool):
         "A freshly loaded tiny MLLM with LoRA adapters (no dropout) and the Stage 1 config of this job."
-        s1 = stage1.tiny_stage1_config(run_dir, out / 'cache', epochs=1)
-        s1.mllm.full_finetune, s1.mllm.lora_dropout = False, 0.0  # LoRA, and nothing random in the forward pass
+        s1 = stage1.tiny_stage1_config(epochs=1)
         t = s1.train
         t.batch_size, t.grad_accum_steps, t.max_steps, t.log_every, t.eval_every, t.save_every = BATCH, args.accum, STEPS, 1, 2, 2
-        t.eval_batch_size, t.keep_checkpoints, t.mixed_precision, t.progress = 9, 0, 'no', False
+        t.eval_batch_size, t.keep_checkpoints, t.mixed_precision = 9, 0, 'no'
         t.lr, t.warmup_ratio, t.overwrite, t.resume = 1e-2, 0.0, not resume, 'latest' if resume else ''
-        model, processor = mllm.load_mllm(s1.mllm, texts=mllm.corpus_texts(data.items))
+        model, processor = mllm.load_mllm(lora, texts=mllm.corpus_texts(data.items))
         torch.manual_seed(0)
         torch.rand(rank + 1)  # a different random LoRA A in every process: `train` must start them all from process 0's
-        return mllm.add_adapters(model, s1.mllm), processor, s1
+        return mllm.add_adapters(model, lora), processor, s1
 
     resumed_from, after = None, {}
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter('always')
         if args.resume:
             model, processor, s1 = stage1_run(Path(args.resume), resume=True)
-            result = stage1.train_knowledge(model, processor, data.items, s1)
+            result = stage1.train_knowledge(model, processor, data.items, s1, lora, Path(args.resume))
             resumed_from = None if result.resumed_from is None else Path(result.resumed_from).name
             print(f'[rank {rank}/{world}] resumed {args.resume} from {resumed_from}: step {result.step}', flush=True)
         phase[0] = 'stage1'
         if stages: model, processor, s1 = stage1_run(out / 'stage1', resume=False)
         if 'stage1' in stages:
-            result = stage1.train_knowledge(model, processor, data.items, s1)
+            result = stage1.train_knowledge(model, processor, data.items, s1, lora, out / 'stage1')
             m = result.model
             params = dict(m.named_parameters())
             after = dict(same_object=m is model, cls=type(m).__name__,
@@ -152,7 +153,7 @@ def main(argv=None):
         if 'features' in stages:
             phase[0] = 'extract'
             few = data.items.iloc[:N_FEATURES]
-            feats = {name: mllm.item_features(model, processor, few, s1.mllm, batch_size=6, adapter=name)
+            feats = {name: mllm.item_features(model, processor, few, lora, batch_size=6, adapter=name)
                      for name in mllm.ADAPTERS}
             save_file(feats, out / f'features-{rank}.safetensors')
             print(f'[rank {rank}/{world}] features: {rows["extract"]} items read here', flush=True)
@@ -160,8 +161,8 @@ def main(argv=None):
             phase[0] = 'again'
             # with twice the micro-batches per step: under FSDP 2 per process, accumulated without gradient sync
             again = dataclasses.replace(s1, train=dataclasses.replace(
-                s1.train, out_dir=str(out / 'again'), max_steps=AGAIN_STEPS, grad_accum_steps=2 * args.accum))
-            r = stage1.train_knowledge(model, processor, data.items, again)
+                s1.train, max_steps=AGAIN_STEPS, grad_accum_steps=2 * args.accum))
+            r = stage1.train_knowledge(model, processor, data.items, again, lora, out / 'again')
             print(f'[rank {rank}/{world}] again: step {r.step}', flush=True)
     (out / f'rank-{rank}.json').write_text(json.dumps(dict(
         rank=rank, world=world, fsdp_plugin=plugin, rows=rows, resumed_from=resumed_from, in_loss=seen_in_loss, after=after,

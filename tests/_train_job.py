@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tpad import stage2
 from tpad.data import load
 from tpad.mllm import add_adapters, corpus_texts, load_mllm
+from tpad.stage1 import tiny_mllm_config
 from tpad.preprocess import preprocess
 
 SAMPLES, BATCH = 96, 8  # 12 optimiser steps per epoch
@@ -42,15 +43,15 @@ def main(argv=None):
     torch.set_num_threads(1)
     data = load('toyshop')
     prepared = preprocess(data)
-    config = stage2.tiny_stage2_config(out_dir=args.out_dir, cache_dir=str(Path(args.out_dir) / 'cache'), epochs=1,
-                                       max_train_samples=SAMPLES)
+    config = stage2.tiny_stage2_config(epochs=1, max_train_samples=SAMPLES)
+    mllm = tiny_mllm_config()
     config.max_val_samples = 0
     t = config.train
     t.batch_size, t.max_steps, t.save_every, t.keep_checkpoints, t.log_every = BATCH, args.max_steps, 2, 0, 1
-    t.overwrite, t.resume, t.mixed_precision, t.progress = not args.resume, 'latest' if args.resume else '', 'no', False
+    t.overwrite, t.resume, t.mixed_precision = not args.resume, 'latest' if args.resume else '', 'no'
 
-    model, processor = load_mllm(config.mllm, texts=corpus_texts(data.items))
-    model = add_adapters(model, config.mllm)
+    model, processor = load_mllm(mllm, texts=corpus_texts(data.items))
+    model = add_adapters(model, mllm)
     # the tiny model has no dropout: switch on attention dropout so that every step draws random numbers and the
     # resumed run can only match if the checkpoint restored the RNG state too
     attention = [m for m in model.modules() if hasattr(m, 'attention_dropout')]
@@ -64,7 +65,7 @@ def main(argv=None):
             return call(self, model, batch)
         stage2.TransferLoss.__call__ = slow
 
-    result = stage2.train_transfer(model, processor, prepared, data.items, config)
+    result = stage2.train_transfer(model, processor, prepared, data.items, config, mllm, out_dir=args.out_dir)
     out = Path(args.out_dir)
     weights = {n: p.detach().to('cpu', copy=True).contiguous() for n, p in result.model.named_parameters()
                if p.requires_grad}

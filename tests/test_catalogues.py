@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from tpad import baselines
-from tpad.align import AlignData
+from tpad.align import AlignData, generation_target
 from tpad.cases import load_run_models
 from tpad.data import load
 from tpad.experiment import make_config, run
@@ -53,8 +53,8 @@ def smoke_config(folder: Path, out: Path, **overrides):
 
 
 def stage_config(config):
-    "Stage 1's settings as `tpad run` uses them: the run's MLLM."
-    return dataclasses.replace(config.stage1, mllm=config.mllm)
+    "Stage 1's settings and the run's MLLM, as `tpad run` passes them."
+    return config.stage1, config.mllm
 
 
 def run_logged(config, capsys) -> tuple[dict, str]:
@@ -74,13 +74,13 @@ def test_titles_only(tmp_path, shop, capsys):
     folder = write_catalogue(tmp_path / 'data', shop, ['title'])
     config = smoke_config(folder, tmp_path / 'run')
     items = load('csv', folder).items
-    target = knowledge_target(items, 'auto', stage_config(config))
+    target = knowledge_target(items, 'auto', *stage_config(config))
     assert (target.field, target.task, target.n_items_with_target) == ('title', 'completion', len(items))
     summary, logged = run_logged(config, capsys)
     assert f'[stage1] {target.note}' in logged and f'[align] {target.note}' in logged
     assert target.note.startswith('target: title completion (auto: no item has text, category or brand;')
     train_items, _ = holdout_split(items, config.stage1.holdout_share, config.stage1.seed)
-    n_train = knowledge_target(train_items, 'title', stage_config(config)).n_items_with_target
+    n_train = knowledge_target(train_items, 'title', *stage_config(config)).n_items_with_target
     assert n_train == len(train_items) > 0
     steps = summary['stages']['stage1']['seed0']['steps']
     assert steps == math.ceil(n_train / config.stage1.train.batch_size) * config.stage1.train.epochs, steps
@@ -118,7 +118,7 @@ def test_text_only(tmp_path, shop, capsys):
     capsys.readouterr()
     # as advised: the prompt shows the text, the task is its completion
     config = smoke_config(folder, tmp_path / 'run', mllm=dict(item_fields='text'))
-    target = check_knowledge_target(load('csv', folder).items, stage_config(config))
+    target = check_knowledge_target(load('csv', folder).items, *stage_config(config))
     assert (target.field, target.task, target.n_items_with_target) == ('text', 'completion', len(shop.items))
     summary, logged = run_logged(config, capsys)
     assert f'[stage1] {target.note}' in logged
@@ -129,26 +129,25 @@ def test_text_only(tmp_path, shop, capsys):
 def test_explicit_text_on_titles_is_one_line_of_advice(tmp_path, shop):
     folder = write_catalogue(tmp_path / 'data', shop, ['title'])
     config = smoke_config(folder, tmp_path / 'run', stage1=dict(target_field='text'))
-    with pytest.raises(ValueError) as e: check_knowledge_target(load('csv', folder).items, stage_config(config))
+    with pytest.raises(ValueError) as e: check_knowledge_target(load('csv', folder).items, *stage_config(config))
     assert str(e.value) == TITLE_ADVICE
     with pytest.raises(ValueError) as e: run(config, log=lambda *a: None)
     assert str(e.value) == TITLE_ADVICE
     assert not (tmp_path / 'run' / 'train').exists()  # it stopped before any training
-    # Stage 2b's copy of the option is named as such
-    align = dataclasses.replace(config.align, mllm=config.mllm, target_field='text')
-    with pytest.raises(ValueError, match=r"^align\.target_field 'text': no item has text; the items have title; "
-                                         r"use --align\.target_field auto or title$"):
-        check_knowledge_target(load('csv', folder).items, align, option='align.target_field')
+    # Stage 2b continues Stage 1's task: its target check is the same one, naming the same option
+    with pytest.raises(ValueError, match=r"^stage1\.target_field 'text': no item has text; the items have title; "
+                                         r"use --stage1\.target_field auto or title$"):
+        generation_target(load('csv', folder).items, config.align, config.stage1, config.mllm)
 
 
 @pytest.mark.parametrize('columns', [['title'], ['title', 'image']])
 def test_title_prompt_never_contains_the_title(shop, columns):
     config = make_config('toyshop-smoke')
-    s1 = stage_config(config)
+    s1, mllm = stage_config(config)
     items = shop.items[['item_id', *columns]].assign(**{c: '' for c in ('text', 'category') if c not in columns})
     if 'image' not in columns: items['image'] = None
-    _, processor = load_mllm(s1.mllm, texts=corpus_texts(items))
-    data = KnowledgeData(items, processor, s1)
+    _, processor = load_mllm(mllm, texts=corpus_texts(items))
+    data = KnowledgeData(items, processor, s1, mllm)
     assert data.config.target_field == 'title' and len(data) == len(items)
     for (prompt, target), row in zip(data, data.rows):
         title = row['title']
@@ -156,16 +155,16 @@ def test_title_prompt_never_contains_the_title(shop, columns):
         assert target and title.endswith(' ' + target) and not prompt.text.startswith(target)
         assert (len(prompt.images) == 1) == ('image' in columns)
     # Stage 2b's generation term makes the same examples
-    align = AlignData(items, processor, dataclasses.replace(config.align, mllm=config.mllm))
+    align = AlignData(items, processor, s1, mllm)
     assert [p.text for p, _, _ in (align[i] for i in range(len(align)))] == [p.text for p, _ in data]
     # a one-word title with no picture has nothing left to show: counted and reported, not dropped silently
     short = items.head(4).assign(title=['Kite', 'Red kite', 'Big red kite', 'Blue kite'])
     from tpad.data import Report
     report = Report()
-    few = KnowledgeData(short, processor, s1, report)
+    few = KnowledgeData(short, processor, s1, mllm, report)
     step = report['knowledge targets: skip items with an empty target']
     assert (step['n_in'], step['n_out'], len(few)) == ((4, 3, 3) if 'image' not in columns else (4, 4, 4))
-    note = knowledge_target(short, 'auto', s1).note
+    note = knowledge_target(short, 'auto', s1, mllm).note
     assert note.endswith('3 of 4 items, skipped: 1 whose prompt would show nothing (one-word title, no image)') \
         if 'image' not in columns else note.endswith('4 of 4 items'), note
 

@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from tpad import cli, experiment, mllm
-from tpad.experiment import DERIVED, PRESETS, RunConfig, make_config
+from tpad.experiment import PRESETS, RunConfig, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for p in (ROOT / 'tpad').glob('*.py') if p.name != '_modidx.py')
@@ -141,8 +141,13 @@ READ_ONLY_PATHS = {'path': 'the dataset', 'mllm.model': 'a hub name or a local m
 def test_cli_cannot_set_the_folders_a_run_writes_to():
     options = cli_options()
     assert 'out' in options and 'fit.patience' in options  # the parser was read right
-    for name in DERIVED:  # folders, caches, per-stage models: set by `run` from --out, not options
-        assert name not in options and not any(o.startswith(name + '.') for o in options), name
+    # folders, caches, per-stage models and seeds are passed by `run` (from --out, --mllm, --seeds), not configured
+    stages = [o.split('.') for o in options if o.split('.')[0] in ('stage1', 'stage2', 'align', 'fit')]
+    assert not {parts[-1] for parts in stages} & {'out_dir', 'cache_dir', 'progress'}
+    assert not [p for p in stages if p[1] == 'mllm'] and 'fit.seed' not in options
+    for stage in ('stage1', 'stage2', 'align', 'fit'):
+        for name in ('out_dir', 'cache_dir', 'mllm'):
+            with pytest.raises((TypeError, ValueError, KeyError, AttributeError)): make_config(**{stage: {name: '/elsewhere'}})
     strings = {name for name, f, tp in experiment._flatten(RunConfig) if experiment._base_type(tp) is str}
     assert strings <= options
     words = {'dir', 'path', 'file', 'folder', 'cache', 'resume', 'out', 'model'}  # a string option named like a place
@@ -157,17 +162,13 @@ def test_model_names_are_not_paths(models):
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
-    """A run (Stage 1 for 2 steps, its h^K cache, MSBR on it, Pop) whose config points every folder that `run` derives
-    at `outside/` (possible from Python, not from the CLI): `run` must ignore them and write under `out/` only."""
+    """A run (Stage 1 for 2 steps, its h^K cache, MSBR on it, Pop), started from another working folder: it must write
+    under `out/` only."""
     root = tmp_path_factory.mktemp('security-run')
     out, outside, cwd = root / 'out', root / 'outside', root / 'cwd'
     outside.mkdir(); cwd.mkdir()
-    elsewhere = str(outside)
-    train = dict(out_dir=elsewhere, max_steps=2)
     config = make_config('toyshop-smoke', out=str(out), models='msbr_knowledge,pop', figures='none',
-                         stage1=dict(cache_dir=elsewhere, train=train), stage2=dict(cache_dir=elsewhere, train=dict(out_dir=elsewhere)),
-                         align=dict(cache_dir=elsewhere, train=dict(out_dir=elsewhere)),
-                         fit=dict(out_dir=elsewhere, max_train_samples=200))
+                         stage1=dict(train=dict(max_steps=2)), fit=dict(max_train_samples=200))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)  # a relative path would land here
         experiment.run(config, log=lambda *a, **k: None)

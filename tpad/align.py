@@ -18,8 +18,8 @@ from .data import Report
 from .mi import CLUB, MINE, MMD, NWJ, InfoNCE, channel_mi_ceiling, fit_estimator
 from .mllm import (MLLMConfig, all_gather_rows, enable_gradient_checkpointing, generation_loss, hidden_size,
                        last_hidden_states, model_inputs, pool, process_layout, readout, use_adapter, wait_for_everyone)
-from .stage1 import (KnowledgeData, KnowledgeTarget, Stage1Config, cached_item_features, check_knowledge_target,
-                         feature_key, tiny_stage1_config)
+from .stage1 import (GenerationConfig, KnowledgeData, KnowledgeTarget, cached_item_features, check_knowledge_target,
+                         feature_key)
 from .train import TrainConfig, TrainResult, train
 
 # %% auto #0
@@ -34,10 +34,8 @@ SCHEDULES = ('sequential', 'joint')
 
 @dataclass
 class AlignConfig:
-    "Every knob of Stage 2b: the MLLM, the training loop, the heads, the weights of L_2, the estimators, the cache."
-    mllm: MLLMConfig = field(default_factory=MLLMConfig, metadata={'help': 'the base MLLM, its adapters and prompts (as in Stages 1 and 2a)'})
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir='runs/align'),
-                               metadata={'help': 'the training loop of the knowledge adapter and the heads'})
+    "Every knob of Stage 2b: the training loop, the heads, the weights of L_2, the estimators (the MLLM and Stage 1's generation task are passed beside it)."
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={'help': 'the training loop of the knowledge adapter and the heads'})
     dim: int = field(default=64, metadata={'help': 'width of z^sh, z^sp and t (e^LLM has 2 * dim, or dim with one head)'})
     head_hidden: int = field(default=256, metadata={'help': 'hidden width of the heads f_sh, f_sp, g (0 = linear heads)'})
     heads: str = field(default='two', metadata={'help': "'two' (z^sh and z^sp, disentangled) or 'one' (z^sh only: the w/o disentanglement ablation)"})
@@ -54,13 +52,8 @@ class AlignConfig:
     noise: float = field(default=1.0, metadata={'help': 'std of the Gaussian noise on the standardised codes that CLUB and the reconstruction read (> 0 keeps I(z^sh; z^sp) finite)'})
     rec: float = field(default=1.0, metadata={'help': "weight of reconstructing sg(h^K) from the noisy codes (z^sp's job; 0 = off)"})
     schedule: str = field(default='sequential', metadata={'help': "'sequential' (transfer adapter frozen, h^T from the cache) or 'joint' (h^T recomputed and the transfer adapter trained too)"})
-    target_field: str = field(default='auto', metadata={'help': "L_gen^K: item column generated as knowledge, as in Stage 1 ('auto' makes Stage 1's choice on the same items; the target 'none' sets alpha to 0)"})
-    target_sentences: int = field(default=0, metadata={'help': 'L_gen^K: keep the first N sentences of the target (0 = all)'})
-    answer_field: str = field(default='category', metadata={'help': "L_gen^K: item column that answers the readout instruction first ('' = none)"})
-    max_target_tokens: int = field(default=64, metadata={'help': 'L_gen^K: cut the target to this many tokens'})
     metric_cap: int = field(default=2000, metadata={'help': 'before/after numbers: at most this many items, a seeded sample'})
     extract_batch_size: int = field(default=32, metadata={'help': 'items per batch when extracting the distilled h^K'})
-    cache_dir: str = field(default='runs/cache', metadata={'help': 'folder of the feature cache (safetensors + JSON sidecar)'})
     seed: int = field(default=0, metadata={'help': 'seed of the heads, the estimators and the metric sample'})
 
     def __post_init__(self):
@@ -75,13 +68,10 @@ class AlignConfig:
         if self.schedule not in SCHEDULES: bad.append(f'schedule must be one of {SCHEDULES}, not {self.schedule!r}')
         if self.club_steps < 1: bad.append(f'club_steps must be >= 1, not {self.club_steps}')
         if not self.club_lr > 0: bad.append(f'club_lr must be > 0, not {self.club_lr}')
+        if self.extract_batch_size < 1: bad.append(f'extract_batch_size must be >= 1, not {self.extract_batch_size}')
         if self.metric_cap < 16: bad.append(f'metric_cap must be >= 16, not {self.metric_cap}')
         if bad: raise ValueError('bad alignment config: ' + '; '.join(bad))
 
-    def generation(self) -> Stage1Config:
-        "The Stage 1 settings of the generation task L_gen^K (prompts and target)."
-        return Stage1Config(mllm=self.mllm, target_field=self.target_field, target_sentences=self.target_sentences,
-                            answer_field=self.answer_field, max_target_tokens=self.max_target_tokens)
 
 # %% ../nbs/06_alignment.ipynb #90c075e9
 ABLATIONS = {'full': {}, 'no_mi': dict(beta=0.0, delta=0.0), 'no_disentangle': dict(heads='one', gamma=0.0),
@@ -94,15 +84,12 @@ def ablation(config: AlignConfig, name: str) -> AlignConfig:
     return replace(config, **ABLATIONS[name])
 
 # %% ../nbs/06_alignment.ipynb #a92f8b32
-def tiny_align_config(out_dir='runs/align', cache_dir='runs/cache', epochs: int = 6) -> AlignConfig:
+def tiny_align_config(epochs: int = 6) -> AlignConfig:
     "Stage 2b settings for the kit's tiny demo MLLM on the toyshop (CPU, well under a minute of training)."
-    s1 = tiny_stage1_config()
     return AlignConfig(
-        mllm=s1.mllm,
         train=TrainConfig(lr=1e-3, weight_decay=0.01, epochs=epochs, batch_size=32, warmup_ratio=0.05, log_every=2,
-                          save_every=20, out_dir=str(out_dir), overwrite=True, progress=False),
-        dim=64, head_hidden=256, target_field=s1.target_field, target_sentences=s1.target_sentences,
-        answer_field=s1.answer_field, max_target_tokens=s1.max_target_tokens, cache_dir=str(cache_dir))
+                          save_every=20, overwrite=True),
+        dim=64, head_hidden=256)
 
 # %% ../nbs/06_alignment.ipynb #ff97e661
 def head(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
@@ -154,9 +141,9 @@ class AlignModel(nn.Module):
         z_sh, z_sp = self.split(h_K)
         return z_sh if z_sp is None else torch.cat([z_sh, z_sp], 1)
 
-    def forward(self, batch: dict, loss: AlignLoss | None = None) -> dict:
-        "L_2 and its terms on a batch of `AlignData` (`loss`: whose weights; default: this model's config); see `AlignLoss`."
-        return (loss if loss is not None else AlignLoss(self.config)).terms(self, batch)
+    def forward(self, batch: dict, loss: AlignLoss) -> dict:
+        "L_2 and its terms on a batch of `AlignData`, with the weights of `loss`; see `AlignLoss`."
+        return loss.terms(self, batch)
 
     def gradient_checkpointing_enable(self, **kwargs):
         "Checkpoint the MLLM's activations (the heads are small)."
@@ -169,8 +156,9 @@ TERMS = {'gen': 'L_gen^K', 'mi': 'I(z^sh; t) estimate', 'club': 'CLUB(z^sh, z^sp
 
 class AlignData(torch.utils.data.Dataset):
     "Item prompts with their Stage 1 targets (for L_gen^K) and each item's row in the item table (for h^T)."
-    def __init__(self, items: pd.DataFrame, processor, config: AlignConfig, report: Report | None = None):
-        self.knowledge = KnowledgeData(items.reset_index(drop=True), processor, config.generation(), report)
+    def __init__(self, items: pd.DataFrame, processor, generation: GenerationConfig, mllm: MLLMConfig,
+                 report: Report | None = None):
+        self.knowledge = KnowledgeData(items.reset_index(drop=True), processor, generation, mllm, report)
         pos = pd.Index(items['item_id'].astype(str))
         self.rows = pos.get_indexer([str(r['item_id']) for r in self.knowledge.rows])
 
@@ -234,8 +222,8 @@ def _hidden(mllm, batch: dict) -> Tensor:
 
 class AlignLoss:
     "L_2 = alpha L_gen^K - beta I(z^sh; sg(t)) + gamma CLUB(z^sh, z^sp) + delta MMD(z^sh, t) + rec ||dec(codes) - sg(h^K)||^2."
-    def __init__(self, config: AlignConfig):
-        self.config, self.mmd = config, MMD()
+    def __init__(self, config: AlignConfig, mllm: MLLMConfig):
+        self.config, self.readout, self.mmd = config, mllm.readout, MMD()
 
     def __call__(self, model, batch: dict) -> dict:
         "The terms of L_2 on `batch`, through `model`'s forward (an `AlignModel`, or the DDP wrapper around one)."
@@ -246,9 +234,9 @@ class AlignLoss:
         c, gen_batch = self.config, batch['gen']
         if c.alpha: gen, hidden = generation_loss(model.mllm, gen_batch)
         else: gen, hidden = None, _hidden(model.mllm, gen_batch)
-        h_K = pool(hidden, gen_batch, c.mllm.readout)
+        h_K = pool(hidden, gen_batch, self.readout)
         if c.schedule == 'joint':
-            with use_adapter(model.mllm, 'transfer'): h_T = readout(model.mllm, gen_batch, c.mllm.readout)
+            with use_adapter(model.mllm, 'transfer'): h_T = readout(model.mllm, gen_batch, self.readout)
         else: h_T = model.h_T[batch['row'].to(model.h_T.device)]
         z_sh, z_sp = model.split(h_K)
         t = model.g(h_T.float())
@@ -319,46 +307,49 @@ def alignment_metrics(z_sh: Tensor, t: Tensor, z_sp: Tensor | None = None, tempe
     return out
 
 # %% ../nbs/06_alignment.ipynb #496127b6
-def generation_target(items: pd.DataFrame, config: AlignConfig) -> tuple[AlignConfig, KnowledgeTarget]:
-    "(`config` with its generation target resolved on `items`, alpha 0 for the target 'none'; the target)."
-    target = check_knowledge_target(items, config, option='align.target_field')
-    return replace(config, target_field=target.field, **(dict(alpha=0.0) if target.field == 'none' else {})), target
+def generation_target(items: pd.DataFrame, config: AlignConfig, generation: GenerationConfig,
+                      mllm: MLLMConfig) -> tuple[AlignConfig, GenerationConfig, KnowledgeTarget]:
+    "(`config`, alpha 0 for the target 'none'; `generation` with its target resolved on `items`; the target)."
+    target = check_knowledge_target(items, generation, mllm)
+    config = replace(config, alpha=0.0) if target.field == 'none' else config
+    return config, replace(generation, target_field=target.field), target
 
 
-def align(model, processor, items: pd.DataFrame, h_T: Tensor, config: AlignConfig, aligner: AlignModel | None = None,
-          report: Report | None = None) -> tuple[AlignModel, TrainResult]:
+def align(model, processor, items: pd.DataFrame, h_T: Tensor, config: AlignConfig, generation: GenerationConfig,
+          mllm: MLLMConfig, aligner: AlignModel | None = None, report: Report | None = None, out_dir='runs/align',
+          progress: bool = False) -> tuple[AlignModel, TrainResult]:
     "Train the `knowledge` adapter and the heads on L_2 (h^T: the Stage 2a features of `items`, in the same order)."
     if len(h_T) != len(items): raise ValueError(f'h_T has {len(h_T)} rows for {len(items)} items')
-    config, _ = generation_target(items, config)  # Stage 1's target; 'none': alpha 0
+    config, generation, _ = generation_target(items, config, generation, mllm)  # Stage 1's target; 'none': alpha 0
     aligner = aligner if aligner is not None else AlignModel(model, h_T, config)
-    data = AlignData(items, processor, config, report)
+    data = AlignData(items, processor, generation, mllm, report)
     if not len(data): raise ValueError('no item has a generation target: nothing to align on')
     with use_adapter(model, 'knowledge'):
         if config.schedule == 'joint':  # the transfer adapter learns too (use_adapter would freeze it)
             for n, p in model.named_parameters():
                 if '.lora_' in n and '.transfer.' in n: p.requires_grad_(True)
-        result = train(aligner, data, data.collate, AlignLoss(config), config.train)
-    if config.train.out_dir and process_layout()[0] == 0:  # one writer, as for the history
-        write_csv(Path(config.train.out_dir) / 'losses.csv', result.frame())
+        result = train(aligner, data, data.collate, AlignLoss(config, mllm), config.train, out_dir=out_dir, progress=progress)
+    if out_dir and process_layout()[0] == 0:  # one writer, as for the history
+        write_csv(Path(out_dir) / 'losses.csv', result.frame())
     return aligner, result
 
 # %% ../nbs/06_alignment.ipynb #9f5ac310
-def unified_features(aligner: AlignModel, processor, items: pd.DataFrame, config: AlignConfig, name: str = 'e_LLM',
-                     report: Report | None = None, log=print) -> tuple[Tensor, Tensor]:
+def unified_features(aligner: AlignModel, processor, items: pd.DataFrame, config: AlignConfig, mllm: MLLMConfig,
+                     cache_dir='runs/cache', name: str = 'e_LLM', report: Report | None = None, log=print) -> tuple[Tensor, Tensor]:
     "(e^LLM, the distilled h^K) of every item; e^LLM is cached at `cache_dir/name` with its provenance."
     model = aligner.mllm
     if process_layout()[0] != 0: log = lambda *a, **k: None  # one voice per run
-    h_K = cached_item_features(model, processor, items, config.mllm, 'knowledge', config.cache_dir, f'{name}.h_K',
+    h_K = cached_item_features(model, processor, items, mllm, 'knowledge', cache_dir, f'{name}.h_K',
                                config.extract_batch_size, report, log, tag='align')
     heads = [m for m in (aligner.f_sh, aligner.f_sp) if m is not None]
     with torch.no_grad():
         was = aligner.training; aligner.eval()
         e = aligner.represent(h_K.to(next(aligner.f_sh.parameters()).device)).cpu()
         aligner.train(was)
-    key = dict(feature_key(model, config.mllm, 'knowledge', items), representation='[z_sh; z_sp]' if len(heads) == 2 else 'z_sh',
+    key = dict(feature_key(model, mllm, 'knowledge', items), representation='[z_sh; z_sp]' if len(heads) == 2 else 'z_sh',
                heads_hash=tensor_hash(*[p for m in heads for p in m.parameters()]), teacher_hash=tensor_hash(aligner.h_T),
-               align={k: v for k, v in asdict(config).items() if k not in ('mllm', 'train', 'cache_dir')})
-    path = Path(config.cache_dir) / f'{name}.safetensors'
+               align={k: v for k, v in asdict(config).items() if k != 'train'})
+    path = Path(cache_dir) / f'{name}.safetensors'
     if process_layout()[0] == 0: save_features(path, e, key, items['item_id'])  # every process has the same e^LLM: one writer
     wait_for_everyone()  # the file is there before any process goes on
     log(f'[align] {name}: {tuple(e.shape)} -> {path}')
@@ -380,18 +371,19 @@ class AlignResult:
         return pd.DataFrame([self.before, self.after], index=['before alignment', 'after alignment'])
 
 
-def stage2b(model, processor, items: pd.DataFrame, h_K: Tensor, h_T: Tensor, config: AlignConfig, log=print) -> AlignResult:
-    "Run Stage 2b: measure, align the knowledge adapter with h^T, export e^LLM, measure again."
+def stage2b(model, processor, items: pd.DataFrame, h_K: Tensor, h_T: Tensor, config: AlignConfig, generation: GenerationConfig,
+            mllm: MLLMConfig, out_dir='runs/align', cache_dir='runs/cache', log=print, progress: bool = False) -> AlignResult:
+    "Run Stage 2b: measure, align the knowledge adapter with h^T (checkpoints in `out_dir`), export e^LLM to `cache_dir`, measure again."
     report = Report()
     if process_layout()[0] != 0: log = lambda *a, **k: None  # under `accelerate launch`: one voice per run
-    config, target = generation_target(items, config)
+    config, generation, target = generation_target(items, config, generation, mllm)
     log(f'[align] {target.note}')
     aligner = AlignModel(model, h_T, config)
     before = alignment_metrics(**heads_output(aligner, h_K, h_T), temperature=config.temperature, cap=config.metric_cap,
                                seed=config.seed, noise=config.noise)
-    aligner, result = align(model, processor, items, h_T, config, aligner, report)
+    aligner, result = align(model, processor, items, h_T, config, generation, mllm, aligner, report, out_dir, progress)
     log(f'[align] trained the knowledge adapter and heads: {result.step} steps in {result.seconds:.1f} s')
-    e, h_K_aligned = unified_features(aligner, processor, items, config, report=report, log=log)
+    e, h_K_aligned = unified_features(aligner, processor, items, config, mllm, cache_dir, report=report, log=log)
     after = alignment_metrics(**heads_output(aligner, h_K_aligned, h_T), temperature=config.temperature,
                               cap=config.metric_cap, seed=config.seed, noise=config.noise)
     log('[align] ' + '; '.join(f'{k} {before[k]:.3f} -> {after[k]:.3f}' for k in ('mmd', 'infonce', 'club') if k in after)

@@ -37,7 +37,8 @@ from .artifacts import MODELS, atomic_write, digest, feature_stage, isolated_rng
 from .artifacts import load_stage, model_folder, save_stage, stage_folder, write_csv, write_json
 from .preprocess import Prepared, PreprocessConfig, preprocess, rows_in_index_order
 from .mllm import MLLMConfig, add_adapters, corpus_texts, every_process, load_mllm, process_layout, wait_for_everyone
-from .stage1 import Stage1Config, check_knowledge_target, knowledge_features, tiny_stage1_config, train_knowledge
+from .stage1 import (Stage1Config, check_knowledge_target, knowledge_features, tiny_mllm_config, tiny_stage1_config,
+                         train_knowledge)
 from .stage2 import Stage2Config, tiny_stage2_config, train_transfer, transfer_features
 from .align import ABLATIONS, AlignConfig, AlignModel, ablation, heads_output, stage2b, tiny_align_config
 from .msbr import MSBR, FitConfig, MSBRConfig, PrefixBatches, evaluate_model, fit, score_samples
@@ -50,15 +51,14 @@ from .cases import CaseConfig, load_run_models, plot_run_cases
 from .viz_data import category_transitions, item_grid, session_length_plot, transition_heatmap
 
 # %% auto #0
-__all__ = ['DERIVED', 'ID_ONLY', 'PRESETS', 'DATA_SOURCES', 'STAGE_SEEDS', 'MIN_FREE_MB', 'STILL_IMPROVING', 'TABLE_METRICS',
-           'MARKED', 'ID_ONLY_KEYS', 'CLAIMS', 'CLAIM_METRIC', 'FIGURES', 'RUN_CONTROL', 'PROBE_BATCHES',
-           'EVIDENCE_FILES', 'EVIDENCE_COLUMNS', 'EVIDENCE_URL', 'BENCHMARK_METRICS', 'RunConfig', 'make_config',
-           'run_name', 'run_dir', 'config_arguments', 'config_from_args', 'run_seeds', 'seeded', 'check_out_dir',
-           'model_keys', 'has_content', 'run_stages', 'capped_seeds', 'fit_and_score', 'results_table',
-           'intervals_table', 'markdown_table', 'per_sample', 'paired_tests', 'claims', 'claims_text', 'protocol_text',
-           'run_figures', 'rows_key', 'finished_rows', 'plan_rows', 'plan_stages', 'row_jobs', 'RunConfigError',
-           'knowledge_target_of', 'check_run', 'run', 'evidence_link', 'evidence_markdown', 'all_users',
-           'benchmark_markdown']
+__all__ = ['ID_ONLY', 'PRESETS', 'DATA_SOURCES', 'STAGE_SEEDS', 'MIN_FREE_MB', 'STILL_IMPROVING', 'TABLE_METRICS', 'MARKED',
+           'ID_ONLY_KEYS', 'CLAIMS', 'CLAIM_METRIC', 'FIGURES', 'RUN_CONTROL', 'PROBE_BATCHES', 'EVIDENCE_FILES',
+           'EVIDENCE_COLUMNS', 'EVIDENCE_URL', 'BENCHMARK_METRICS', 'RunConfig', 'make_config', 'run_name', 'run_dir',
+           'config_arguments', 'config_from_args', 'run_seeds', 'seeded', 'check_out_dir', 'model_keys', 'has_content',
+           'run_stages', 'capped_seeds', 'fit_and_score', 'results_table', 'intervals_table', 'markdown_table',
+           'per_sample', 'paired_tests', 'claims', 'claims_text', 'protocol_text', 'run_figures', 'rows_key',
+           'finished_rows', 'plan_rows', 'plan_stages', 'row_jobs', 'RunConfigError', 'knowledge_target_of',
+           'check_run', 'run', 'evidence_link', 'evidence_markdown', 'all_users', 'benchmark_markdown']
 
 # %% ../nbs/09_experiment.ipynb #a68db625
 @dataclass
@@ -81,10 +81,10 @@ class RunConfig:
     progress: bool = field(default=True, metadata={'help': 'progress bars for the training loops'})
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig,
                                          metadata={'help': 'the evaluation protocol: filters and splits'})
-    mllm: MLLMConfig = field(default_factory=lambda: tiny_stage2_config().mllm,
+    mllm: MLLMConfig = field(default_factory=tiny_mllm_config,
                              metadata={'help': 'the one base MLLM of Stages 1 and 2 (default: the tiny demo model)'})
     stage1: Stage1Config = field(default_factory=tiny_stage1_config,
-                                 metadata={'help': 'Stage 1 (knowledge acquisition): training and generation task'})
+                                 metadata={'help': 'Stage 1 (knowledge acquisition): training and the generation task, which Stage 2b continues'})
     stage2: Stage2Config = field(default_factory=lambda: tiny_stage2_config(epochs=1),
                                  metadata={'help': 'Stage 2a (the Transfer-MLLM): training on session samples'})
     align: AlignConfig = field(default_factory=tiny_align_config,
@@ -101,12 +101,6 @@ class RunConfig:
                                                            "alignment map, case studies), 'all' (also every ablation's map), 'none'"})
     viz: VizConfig = field(default_factory=VizConfig, metadata={'help': 'the before/after alignment map and its numbers'})
     cases: CaseConfig = field(default_factory=CaseConfig, metadata={'help': 'the case-study sessions: an ID-only model against TPAD'})
-
-
-# set by `run` from `mllm` and `out`: not options of their own
-DERIVED = ('stage1.mllm', 'stage2.mllm', 'align.mllm', 'stage1.cache_dir', 'stage2.cache_dir', 'align.cache_dir',
-           'stage1.train.out_dir', 'stage2.train.out_dir', 'align.train.out_dir', 'stage1.train.progress',
-           'stage2.train.progress', 'align.train.progress', 'fit.out_dir', 'fit.seed', 'fit.progress')
 
 # %% ../nbs/09_experiment.ipynb #8004ef84
 ID_ONLY = 'pop,item_knn,sknn,gru4rec,srgnn,sasrec'
@@ -209,11 +203,10 @@ def run_dir(config: RunConfig) -> Path:
 
 # %% ../nbs/09_experiment.ipynb #12fd1f12
 def _flatten(cls, prefix: str = ''):
-    "(dotted name, field, type) for every leaf field of dataclass `cls`, except the ones `run` derives (DERIVED)."
+    "(dotted name, field, type) for every leaf field of dataclass `cls`."
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, name = hints[f.name], f'{prefix}{f.name}'
-        if name in DERIVED: continue
         if dataclasses.is_dataclass(tp): yield from _flatten(tp, f'{name}.')
         else: yield name, f, tp
 
@@ -313,28 +306,20 @@ def has_content(data: SessionData) -> bool:
     return bool(text or ('image' in items and items['image'].notna().any()))
 
 # %% ../nbs/09_experiment.ipynb #60ace1a8
-def _settings(cfg) -> dict:
-    "A stage config as a dict, without the folders and progress bars the run sets."
-    d = dataclasses.asdict(cfg)
-    d.pop('mllm', None); d.pop('cache_dir', None)
-    for k in ('out_dir', 'progress'): d.get('train', {}).pop(k, None)
-    return d
-
-
-def _stage_config(cfg, config: RunConfig, out: Path, name: str):
-    "A stage config with the run's MLLM, folders and progress setting."
-    train = dataclasses.replace(cfg.train, out_dir=str(out / 'train' / name), progress=config.progress, overwrite=True)
-    return dataclasses.replace(cfg, mllm=config.mllm, train=train, cache_dir=str(out / 'cache'))
-
-
 def _weights(model, mllm: MLLMConfig) -> dict:
     "The trained weights a later stage starts from: every weight of a fully fine-tuned model, else the LoRA adapters."
     return {k: v for k, v in model.state_dict().items() if mllm.full_finetune or 'lora_' in k}
 
 # %% ../nbs/09_experiment.ipynb #6cb140e2
 class _Student:
-    "The MLLM of Stages 1-2, built on first use, with stage weights loaded on demand."
-    def __init__(self, mllm: MLLMConfig, items: pd.DataFrame): self.mllm, self.items, self.pair = mllm, items, None
+    "The MLLM of Stages 1-2, built on first use, with stage weights loaded on demand, and where its stages write."
+    def __init__(self, mllm: MLLMConfig, items: pd.DataFrame, out: Path, tag: str = '', progress: bool = False):
+        self.mllm, self.items, self.pair = mllm, items, None
+        self.cache_dir, self.progress, self.out, self.tag = out / 'cache', progress, out, tag
+
+    def train_dir(self, name: str) -> Path:
+        "The checkpoint folder of stage `name` (for this pipeline seed)."
+        return self.out / 'train' / (name + self.tag)
 
     def get(self, weights: dict | None = None):
         if self.pair is None:
@@ -374,8 +359,9 @@ def _sealed_weights(model, mllm: MLLMConfig) -> dict:
 def _train_stage1(student: _Student, items: pd.DataFrame, s1: Stage1Config, log=print) -> tuple[dict, dict]:
     "Stage 1: train the knowledge adapter and read h^K; (tensors to seal, info)."
     model, processor = student.get()
-    result = train_knowledge(model, processor, items, s1, log=log)
-    h_K = knowledge_features(model, processor, items, s1, log=log)
+    result = train_knowledge(model, processor, items, s1, student.mllm, student.train_dir('stage1'), log=log,
+                             progress=student.progress)
+    h_K = knowledge_features(model, processor, items, student.mllm, student.cache_dir, batch_size=s1.extract_batch_size, log=log)
     return dict(features=h_K, **_sealed_weights(model, student.mllm)), dict(steps=result.step, train_seconds=round(result.seconds, 1))
 
 
@@ -383,18 +369,20 @@ def _train_stage2(student: _Student, stage1_out: dict, prepared: Prepared, items
                   log=print) -> tuple[dict, dict]:
     "Stage 2a: from the Stage 1 weights, train the transfer adapter on session samples and read h^T; (tensors to seal, info)."
     model, processor = student.get(stage1_out)
-    result = train_transfer(model, processor, prepared, items, s2)
-    h_T = transfer_features(model, processor, items, s2, log=log)
+    result = train_transfer(model, processor, prepared, items, s2, student.mllm, student.train_dir('stage2'),
+                            progress=student.progress)
+    h_T = transfer_features(model, processor, items, student.mllm, student.cache_dir, batch_size=s2.extract_batch_size, log=log)
     return dict(features=h_T, **_sealed_weights(model, student.mllm)), dict(steps=result.step, train_seconds=round(result.seconds, 1))
 
 # %% ../nbs/09_experiment.ipynb #f20b2ad6
-def _align_variant(student: _Student, start: dict, items: pd.DataFrame, h_K, h_T, cfg: AlignConfig, cache_dir: str,
-                   log=print) -> tuple[dict, dict]:
-    "Stage 2b with `cfg` from the weights `start`: (the distilled features, z^sh, t and the untrained heads' outputs; info)."
+def _align_variant(student: _Student, start: dict, items: pd.DataFrame, h_K, h_T, cfg: AlignConfig,
+                   generation: Stage1Config, variant: str, log=print) -> tuple[dict, dict]:
+    "Stage 2b `variant` with `cfg` from the weights `start`: (the distilled features, z^sh, t and the untrained heads' outputs; info)."
     model, processor = student.get(start)
     # the heads as Stage 2b starts them (it seeds them the same way): the control of the alignment figure
     init = heads_output(AlignModel(model, h_T, cfg), h_K, h_T)
-    r = stage2b(model, processor, items, h_K, h_T, dataclasses.replace(cfg, cache_dir=cache_dir), log=log)
+    r = stage2b(model, processor, items, h_K, h_T, cfg, generation, student.mllm, student.train_dir(f'align-{variant}'),
+                student.cache_dir / f'{variant}{student.tag}', log=log, progress=student.progress)
     # z^sh of the distilled h^K is e^LLM's first dim columns; t = g(h^T) needs the trained g, which is not saved
     t = heads_output(r.aligner, h_K, h_T)['t']
     tensors = dict(features=r.features, z_sh=r.features[:, :cfg.dim], t=t, z_sh_init=init['z_sh'], t_init=init['t'])
@@ -407,13 +395,12 @@ def run_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted,
     out, wanted, config = Path(out), set(wanted), seeded(config, seed)
     feats, info = {}, {}
     if not wanted: return feats, info
-    student = _Student(config.mllm, data.items)  # a fresh model per seed: no seed starts from another's training
-    tag = '' if seed == 0 else f'-seed{seed}'
-    s1 = _stage_config(config.stage1, config, out, 'stage1' + tag)
-    s2 = _stage_config(config.stage2, config, out, 'stage2' + tag)
+    # a fresh model per seed: no seed starts from another's training
+    student = _Student(config.mllm, data.items, out, '' if seed == 0 else f'-seed{seed}', config.progress)
+    s1, s2 = (dataclasses.replace(c, train=dataclasses.replace(c.train, overwrite=True)) for c in (config.stage1, config.stage2))
     data_key = dict(dataset=config.dataset, path=config.path, stats=data.stats().iloc[0].to_dict())
-    keys = {'stage1': digest(dict(data=data_key, mllm=config.mllm, stage1=_settings(s1)))}
-    keys['stage2'] = digest(dict(after=keys['stage1'], preprocess=config.preprocess, stage2=_settings(s2)))
+    keys = {'stage1': digest(dict(data=data_key, mllm=config.mllm, stage1=s1))}
+    keys['stage2'] = digest(dict(after=keys['stage1'], preprocess=config.preprocess, stage2=s2))
     cached = partial(_cached_stage, out=out, seed=seed, info=info, log=log)
     stage1_out = cached('stage1', keys['stage1'], partial(_train_stage1, student, data.items, s1, log))
     feats['h_K'] = stage1_out['features']
@@ -423,10 +410,10 @@ def run_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted,
     # the student starts from the Stage 1 weights (tiny model: one set of weights) or, with LoRA, after Stage 2a
     start = stage1_out if config.mllm.full_finetune else stage2_out
     for variant in [v for v in ABLATIONS if v in wanted]:
-        cfg = _stage_config(ablation(config.align, variant), config, out, f'align-{variant}{tag}')
-        key = digest(dict(after=keys['stage2'], align=_settings(cfg), outputs=2))  # outputs 2: z_sh, t and the init heads too
-        align = partial(_align_variant, student, start, data.items, feats['h_K'], feats['h_T'], cfg,
-                        str(out / 'cache' / f'{variant}{tag}'), log)
+        cfg = ablation(config.align, variant)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite=True))
+        key = digest(dict(after=keys['stage2'], align=cfg, outputs=2))  # outputs 2: z_sh, t and the init heads too
+        align = partial(_align_variant, student, start, data.items, feats['h_K'], feats['h_T'], cfg, s1, variant, log)
         feats[variant] = cached(feature_stage(variant), key, align)['features']
     return feats, info
 
@@ -461,9 +448,9 @@ def fit_and_score(key: str, prepared: Prepared, config: RunConfig, features: tor
     model = _recommender(key, prepared, config, features, seed)
     epochs, stopped = None, None
     if isinstance(model, torch.nn.Module):
-        fc = dataclasses.replace(config.fit, seed=seed, progress=config.progress,
-                                 out_dir=str(model_folder(out, key, seed)) if out else '')
-        result = fit(model, prepared, fc)
+        fc = config.fit
+        result = fit(model, prepared, fc, seed=seed, out_dir=str(model_folder(out, key, seed)) if out else '',
+                     progress=config.progress)
         epochs, stopped = result.best_epoch, result.stopped
         # the best epoch is the last one allowed: validation was still rising when the cap stopped it
         if stopped == 'epochs' and epochs == fc.epochs: stopped = STILL_IMPROVING
@@ -743,12 +730,12 @@ def plan_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted
     model, processor = load_mllm(config.mllm, texts=corpus_texts(data.items) if config.mllm.model == '' else None)
     model = add_adapters(model, config.mllm)
     with tempfile.TemporaryDirectory() as tmp:
-        s1 = dataclasses.replace(config.stage1, mllm=config.mllm, cache_dir=tmp, train=dataclasses.replace(
-            config.stage1.train, out_dir=tmp, max_steps=2, progress=False, overwrite=True, eval_every=0, save_every=0))
-        train_s = _timed(lambda: train_knowledge(model, processor, data.items, s1))
+        s1 = dataclasses.replace(config.stage1, train=dataclasses.replace(
+            config.stage1.train, max_steps=2, overwrite=True, eval_every=0, save_every=0))
+        train_s = _timed(lambda: train_knowledge(model, processor, data.items, s1, config.mllm, tmp))
         batch = data.items.head(config.stage1.extract_batch_size)
-        s1x = dataclasses.replace(s1, cache_dir=str(Path(tmp) / 'x'))
-        extract_s = _timed(lambda: knowledge_features(model, processor, batch, s1x, log=lambda *a, **k: None)) / max(1, len(batch))
+        extract_s = _timed(lambda: knowledge_features(model, processor, batch, config.mllm, Path(tmp) / 'x', batch_size=len(batch),
+                                                      log=lambda *a, **k: None)) / max(1, len(batch))
     step = train_s / 2
     per_epoch = lambda n, b: -(-n // b)
     n_items = len(data.items)
@@ -934,9 +921,7 @@ def knowledge_target_of(config: RunConfig, items: pd.DataFrame, wanted) -> objec
     "The generation target of Stages 1 and 2b on these items (None if no MLLM stage runs); nothing to train on raises RunConfigError naming the option."
     if not wanted: return None
     try:
-        target = check_knowledge_target(items, dataclasses.replace(config.stage1, mllm=config.mllm))
-        if set(wanted) & set(ABLATIONS):
-            check_knowledge_target(items, dataclasses.replace(config.align, mllm=config.mllm), option='align.target_field')
+        target = check_knowledge_target(items, config.stage1, config.mllm)  # Stage 2b continues the same task
     except ValueError as e: raise RunConfigError(str(e)) from None
     return target
 

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from . import data, mllm, preprocess as preprocess_module, stage1 as stage1_module, stage2 as stage2_module, toyshop, train
 from .artifacts import digest, isolated_rng, load_sealed, save_sealed
 from .data import load
-from .mllm import add_adapters, cache_dir, corpus_texts, load_mllm
+from .mllm import MLLMConfig, add_adapters, cache_dir, corpus_texts, load_mllm
 from .preprocess import PreprocessConfig, preprocess, preprocess_config
-from .stage1 import Stage1Config, stage1, tiny_stage1_config
+from .stage1 import Stage1Config, stage1, tiny_mllm_config, tiny_stage1_config
 from .stage2 import Stage2Config, stage2, tiny_stage2_config
 from .train import TrainResult
 
@@ -46,12 +46,11 @@ def file_lock(path):
             if fcntl is not None: fcntl.flock(handle, fcntl.LOCK_UN)
 
 # %% ../nbs/09b_lessons.ipynb #1e5b11a9
-def toyshop_stage_configs(stage1_epochs: int = 1, stage2_samples: int = 300, stage2_epochs: int = 1,
-                          work='.') -> tuple[Stage1Config, Stage2Config]:
-    "The Stage 1 and Stage 2a configs of the lessons (the tiny demo MLLM on the toyshop), their files under `work`."
-    work = Path(work)
-    return (tiny_stage1_config(work / 'stage1', work / 'cache', epochs=stage1_epochs),
-            tiny_stage2_config(work / 'stage2', work / 'cache', epochs=stage2_epochs, max_train_samples=stage2_samples))
+def toyshop_stage_configs(stage1_epochs: int = 1, stage2_samples: int = 300,
+                          stage2_epochs: int = 1) -> tuple[MLLMConfig, Stage1Config, Stage2Config]:
+    "The MLLM, Stage 1 and Stage 2a configs of the lessons (the tiny demo MLLM on the toyshop)."
+    return (tiny_mllm_config(), tiny_stage1_config(epochs=stage1_epochs),
+            tiny_stage2_config(epochs=stage2_epochs, max_train_samples=stage2_samples))
 
 
 _TRAINING_MODULES = (data, toyshop, preprocess_module, mllm, train, stage1_module, stage2_module)
@@ -60,9 +59,9 @@ _TRAINING_MODULES = (data, toyshop, preprocess_module, mllm, train, stage1_modul
 def toyshop_stages_key(stage1_epochs: int = 1, stage2_samples: int = 300, stage2_epochs: int = 1,
                        protocol: PreprocessConfig | None = None, seed: int = 0) -> str:
     "The digest of every setting the toyshop's Stages 1 and 2a depend on: configs, protocol, seed, torch, threads, the kit's code."
-    c1, c2 = toyshop_stage_configs(stage1_epochs, stage2_samples, stage2_epochs)
+    model_config, c1, c2 = toyshop_stage_configs(stage1_epochs, stage2_samples, stage2_epochs)
     code = digest([Path(m.__file__).read_text(encoding='utf-8') for m in _TRAINING_MODULES])
-    return digest(dict(stage1=c1, stage2=c2, protocol=preprocess_config(protocol), seed=seed, torch=torch.__version__,
+    return digest(dict(mllm=model_config, stage1=c1, stage2=c2, protocol=preprocess_config(protocol), seed=seed, torch=torch.__version__,
                        threads=torch.get_num_threads(), code=code))
 
 # %% ../nbs/09b_lessons.ipynb #74b0d719
@@ -99,13 +98,13 @@ def _weights(tensors: dict) -> dict:
     return {k[len('weights.'):]: v for k, v in tensors.items() if k.startswith('weights.')}
 
 
-def _load_stages(folder: Path, key: str, config: Stage1Config) -> ToyshopStages | None:
+def _load_stages(folder: Path, key: str, mllm: MLLMConfig) -> ToyshopStages | None:
     "The fixture in `folder` if both pairs are there and sealed with `key`, else None."
     one, two = load_sealed(folder / 'stage1.safetensors', key), load_sealed(folder / 'stage2.safetensors', key)
     if one is None or two is None: return None
     (tensors1, seal1), (tensors2, seal2) = one, two
-    model, processor = load_mllm(config.mllm, texts=corpus_texts(load('toyshop').items))
-    model = add_adapters(model, config.mllm)
+    model, processor = load_mllm(mllm, texts=corpus_texts(load('toyshop').items))
+    model = add_adapters(model, mllm)
     model.load_state_dict(_weights(tensors2))
     model.train(seal2['training'])
     record = lambda seal: TrainResult(model=model, checkpoint=None, resumed_from=None, **seal['train'])
@@ -113,14 +112,14 @@ def _load_stages(folder: Path, key: str, config: Stage1Config) -> ToyshopStages 
                          record(seal2), key, cached=True)
 
 # %% ../nbs/09b_lessons.ipynb #e9166bb9
-def _train_stages(c1: Stage1Config, c2: Stage2Config, protocol, seed: int, key: str, log) -> ToyshopStages:
-    "Train Stage 1 then Stage 2a on the toyshop, as the lessons did before the fixture."
-    shop = load('toyshop')
+def _train_stages(configs: tuple, protocol, seed: int, key: str, work: Path, log) -> ToyshopStages:
+    "Train Stage 1 then Stage 2a on the toyshop (`configs`: MLLM, Stage 1, Stage 2a), their files under `work`."
+    shop, (model_config, c1, c2) = load('toyshop'), configs
     with isolated_rng(seed):
         prepared = preprocess(shop, protocol)
-        s1 = stage1(shop, c1, log=log)
+        s1 = stage1(shop, c1, model_config, work / 'stage1', work / 'cache', log=log)
         knowledge_weights = {k: v.clone() for k, v in s1.model.state_dict().items()}
-        s2 = stage2(shop, c2, s1.model, s1.processor, prepared, log=log)
+        s2 = stage2(shop, c2, model_config, work / 'stage2', work / 'cache', s1.model, s1.processor, prepared, log=log)
     return ToyshopStages(s2.model, s2.processor, knowledge_weights, s1.features, s2.features, s1.train, s2.train, key,
                          cached=False)
 
@@ -132,10 +131,10 @@ def toyshop_stages(stage1_epochs: int = 1, stage2_samples: int = 300, stage2_epo
     key = toyshop_stages_key(stage1_epochs, stage2_samples, stage2_epochs, protocol, seed)
     folder = lessons_cache(cache) / f'toyshop-stages-{key}'
     with file_lock(folder.with_name(folder.name + '.lock')):  # pages run side by side train once
-        found = _load_stages(folder, key, toyshop_stage_configs()[0])
+        found = _load_stages(folder, key, tiny_mllm_config())
         if found is not None: return found
         with tempfile.TemporaryDirectory() as work:
-            c1, c2 = toyshop_stage_configs(stage1_epochs, stage2_samples, stage2_epochs, work)
-            stages = _train_stages(c1, c2, protocol, seed, key, log)
+            configs = toyshop_stage_configs(stage1_epochs, stage2_samples, stage2_epochs)
+            stages = _train_stages(configs, protocol, seed, key, Path(work), log)
         _save_stages(folder, key, stages)
     return stages

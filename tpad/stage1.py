@@ -23,35 +23,50 @@ from .mllm import (MLLMConfig, add_adapters, encode, every_process, generation_l
 from .train import TrainConfig, TrainResult, train
 
 # %% auto #0
-__all__ = ['TARGET_FIELDS', 'Stage1Config', 'tiny_stage1_config', 'target_text', 'knowledge_example', 'KnowledgeTarget',
-           'knowledge_target', 'check_knowledge_target', 'KnowledgeData', 'holdout_split', 'knowledge_loss',
-           'train_knowledge', 'describe', 'adapter_hash', 'feature_key', 'cached_item_features', 'knowledge_features',
-           'category_separation', 'Stage1Result', 'stage1']
+__all__ = ['TARGET_FIELDS', 'GenerationConfig', 'Stage1Config', 'tiny_mllm_config', 'tiny_stage1_config', 'target_text',
+           'knowledge_example', 'KnowledgeTarget', 'knowledge_target', 'check_knowledge_target', 'KnowledgeData',
+           'holdout_split', 'knowledge_loss', 'train_knowledge', 'describe', 'adapter_hash', 'feature_key',
+           'cached_item_features', 'knowledge_features', 'category_separation', 'Stage1Result', 'stage1']
 
 # %% ../nbs/03_stage1_knowledge.ipynb #1c07d45f
 @dataclass
-class Stage1Config:
-    "Every knob of Stage 1: the MLLM, the training loop, the generation task and the feature cache."
-    mllm: MLLMConfig = field(default_factory=MLLMConfig, metadata={'help': 'the base MLLM, its adapters and prompts'})
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir='runs/stage1'),
-                               metadata={'help': 'the training loop of the knowledge adapter'})
+class GenerationConfig:
+    "The generation task L_gen^K: what an item prompt is taught to generate (Stage 1, and Stage 2b's alpha term)."
     target_field: str = field(default='auto', metadata={'help': "item column generated as knowledge: 'auto' (text, else category, else brand, else title, else none), an item column ('text', 'category', 'brand', 'title', ...), or 'none' (no generation training)"})
     target_sentences: int = field(default=0, metadata={'help': 'keep the first N sentences of the target (0 = all)'})
     answer_field: str = field(default='category', metadata={'help': "item column that answers the readout instruction first ('' = none)"})
     max_target_tokens: int = field(default=64, metadata={'help': 'cut the target to this many tokens'})
+
+    def __post_init__(self):
+        if self.target_sentences < 0: raise ValueError(f'target_sentences must be >= 0, not {self.target_sentences}')
+        if self.max_target_tokens < 1: raise ValueError(f'max_target_tokens must be >= 1, not {self.max_target_tokens}')
+
+# %% ../nbs/03_stage1_knowledge.ipynb #faffb40f
+@dataclass
+class Stage1Config(GenerationConfig):
+    "Every knob of Stage 1: the generation task (the fields of `GenerationConfig`), the training loop, the held-out items."
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={'help': 'the training loop of the knowledge adapter'})
     holdout_share: float = field(default=0.1, metadata={'help': 'share of items never trained on (validation loss, generation checks)'})
     extract_batch_size: int = field(default=32, metadata={'help': 'items per batch when extracting h^K'})
-    cache_dir: str = field(default='runs/cache', metadata={'help': 'folder of the feature cache (safetensors + JSON sidecar)'})
     seed: int = field(default=0, metadata={'help': 'seed of the held-out split'})
 
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.holdout_share < 1: raise ValueError(f'holdout_share must be in [0, 1), not {self.holdout_share}')
+        if self.extract_batch_size < 1: raise ValueError(f'extract_batch_size must be >= 1, not {self.extract_batch_size}')
+
 # %% ../nbs/03_stage1_knowledge.ipynb #df69b506
-def tiny_stage1_config(out_dir='runs/stage1', cache_dir='runs/cache', epochs: int = 8) -> Stage1Config:
+def tiny_mllm_config() -> MLLMConfig:
+    "The kit's tiny demo MLLM: random weights built from a config, trained whole, prompts of the image and the title."
+    return MLLMConfig(full_finetune=True, item_fields='title', image_size=32, max_text_tokens=48, max_session_items=5)
+
+
+def tiny_stage1_config(epochs: int = 8) -> Stage1Config:
     "Stage 1 settings for the kit's tiny demo MLLM on the toyshop (CPU, about half a minute of training)."
     return Stage1Config(
-        mllm=MLLMConfig(full_finetune=True, item_fields='title', image_size=32, max_text_tokens=48),
         train=TrainConfig(lr=3e-3, weight_decay=0.01, epochs=epochs, batch_size=16, warmup_ratio=0.05, log_every=10,
-                          eval_every=50, save_every=100, out_dir=str(out_dir), overwrite=True, progress=False),
-        target_field='auto', target_sentences=2, max_target_tokens=48, cache_dir=str(cache_dir))
+                          eval_every=50, save_every=100, overwrite=True),
+        target_field='auto', target_sentences=2, max_target_tokens=48)
 
 # %% ../nbs/03_stage1_knowledge.ipynb #ce1c8b3e
 TARGET_FIELDS = ('text', 'category', 'brand', 'title')  # what target_field 'auto' tries, in this order
@@ -61,7 +76,7 @@ def _sentences(text: str, n: int) -> str:
     return ' '.join(re.split(r'(?<=[.!?])\s+', text)[:n]) if n > 0 else text
 
 
-def target_text(item, config: Stage1Config) -> str:
+def target_text(item, config: GenerationConfig) -> str:
     "The knowledge text an item's prompt should generate: `target_field`, cut to `target_sentences` sentences, after the `answer_field` word."
     if config.target_field == 'auto': raise ValueError("target_text: resolve target_field 'auto' first (knowledge_target)")
     text = _sentences(item_value(item, config.target_field), config.target_sentences)
@@ -69,22 +84,22 @@ def target_text(item, config: Stage1Config) -> str:
     return f'{word}. {text}' if word and text else text
 
 
-def _shows_something(item, config: Stage1Config) -> bool:
+def _shows_something(item, mllm: MLLMConfig) -> bool:
     "Whether an item prompt of `item` shows anything of its own: an image, or a field of `mllm.item_fields`."
-    return bool(item_value(item, 'image')) or any(item_value(item, f) for f in config.mllm.fields_shown)
+    return bool(item_value(item, 'image')) or any(item_value(item, f) for f in mllm.fields_shown)
 
 
-def knowledge_example(item, config: Stage1Config) -> tuple[dict, str]:
+def knowledge_example(item, config: GenerationConfig, mllm: MLLMConfig) -> tuple[dict, str]:
     "(the item as its training prompt shows it, the text to generate); the prompt never shows the target, and '' means no example."
     name = config.target_field
     item = dict(item)
     if name == 'none': return item, ''
     if name == 'auto': target_text(item, config)  # raises: 'auto' is resolved by knowledge_target
-    if name in config.mllm.fields_shown:  # the prompt would show the target: it shows the first half, the rest is the target
+    if name in mllm.fields_shown:  # the prompt would show the target: it shows the first half, the rest is the target
         words = _sentences(item_value(item, name), config.target_sentences).split()
         shown, target = {**item, name: ' '.join(words[:len(words) // 2])}, ' '.join(words[len(words) // 2:])
     else: shown, target = item, target_text(item, config)
-    return shown, (target if _shows_something(shown, config) else '')
+    return shown, (target if _shows_something(shown, mllm) else '')
 
 # %% ../nbs/03_stage1_knowledge.ipynb #50c5cbce
 @dataclass
@@ -112,26 +127,27 @@ def _any_of(names) -> str:
 def _has(rows: list, f: str) -> bool: return any(item_value(r, f) for r in rows)
 
 
-def _n_examples(rows: list, f: str, config: Stage1Config) -> int:
+def _n_examples(rows: list, f: str, config: GenerationConfig, mllm: MLLMConfig) -> int:
     "How many of `rows` give an example with the target field `f`."
     if f == 'none' or not _has(rows, f): return 0
     resolved = replace(config, target_field=f)
-    return sum(bool(knowledge_example(r, resolved)[1]) for r in rows)
+    return sum(bool(knowledge_example(r, resolved, mllm)[1]) for r in rows)
 
 
-def knowledge_target(items, field: str = 'auto', config: Stage1Config | None = None) -> KnowledgeTarget:
+def knowledge_target(items, field: str = 'auto', config: GenerationConfig | None = None,
+                     mllm: MLLMConfig | None = None) -> KnowledgeTarget:
     "The generation target of `items`: `field`, or for 'auto' the first of `TARGET_FIELDS` with an example, else 'none'."
-    config, rows = config or Stage1Config(), _records(items)
+    config, mllm, rows = config or GenerationConfig(), mllm or MLLMConfig(), _records(items)
     if field == 'auto':
         chosen, absent, empty = 'none', [], []
         for f in TARGET_FIELDS:
-            if _n_examples(rows, f, config): chosen = f; break
+            if _n_examples(rows, f, config, mllm): chosen = f; break
             (empty if _has(rows, f) else absent).append(f)
         reasons = ([f'no item has {_any_of(absent)}'] if absent else []) + [f'no {f} with anything else to show in the prompt' for f in empty]
         why = 'auto: ' + (', '.join(reasons) if reasons else 'items have text')
     else: chosen, why = field, f'target_field {field!r}'
-    n = _n_examples(rows, chosen, config)
-    completion = chosen in config.mllm.fields_shown
+    n = _n_examples(rows, chosen, config, mllm)
+    completion = chosen in mllm.fields_shown
     if chosen == 'none':
         task, label, detail = 'none', 'none', ("no generation training: h^K is the MLLM reading each item's image and prompt, "
                                                "Stage 2b's generation weight is 0")
@@ -146,40 +162,40 @@ def knowledge_target(items, field: str = 'auto', config: Stage1Config | None = N
     return KnowledgeTarget(chosen, task, len(rows), n, note)
 
 # %% ../nbs/03_stage1_knowledge.ipynb #9d5e90cd
-def check_knowledge_target(items, config, option: str = 'stage1.target_field') -> KnowledgeTarget:
-    "The `KnowledgeTarget` of `config` (a Stage1Config, or an AlignConfig) on `items`; a one-line ValueError naming the option to set when it has nothing to train on."
-    config = config if isinstance(config, Stage1Config) else config.generation()
-    target, rows, name = knowledge_target(items, config.target_field, config), _records(items), config.target_field
+def check_knowledge_target(items, config: GenerationConfig, mllm: MLLMConfig,
+                           option: str = 'stage1.target_field') -> KnowledgeTarget:
+    "The `KnowledgeTarget` of `config` on `items`; a one-line ValueError naming the option to set when it has nothing to train on."
+    target, rows, name = knowledge_target(items, config.target_field, config, mllm), _records(items), config.target_field
     present = [f for f in TARGET_FIELDS if any(item_value(r, f) for r in rows)]
     if target.field == 'none':
-        if not any(_shows_something(r, config) for r in rows):
+        if not any(_shows_something(r, mllm) for r in rows):
             readable = [f for f in present if f in ('title', 'category', 'text')]
             fix = f'use --mllm.item_fields {",".join(readable)}' if readable else 'the items have nothing an MLLM can read: use ID-only models'
             raise ValueError(f"{option} {name!r}: no item prompt would show anything of its item (no image, and mllm.item_fields "
-                             f"{config.mllm.item_fields!r} is empty for every item), so every item would get the same h^K; {fix}")
+                             f"{mllm.item_fields!r} is empty for every item), so every item would get the same h^K; {fix}")
     elif not target.n_items_with_target:
-        auto = knowledge_target(items, 'auto', config).field
+        auto = knowledge_target(items, 'auto', config, mllm).field
         fix = f'use --{option} auto' + (f' or {auto}' if auto != 'none' else f' (target none: no generation training)')
         if target.field not in present and not any(item_value(r, target.field) for r in rows):
             have = ', '.join(present) or ('only images' if any(item_value(r, 'image') for r in rows) else 'nothing to read')
             raise ValueError(f'{option} {name!r}: no item has {target.field}; the items have {have}; {fix}')
         raise ValueError(f"{option} {name!r}: no item's prompt would show anything once its {target.field} is held out "
-                         f'(no image, no other field of mllm.item_fields {config.mllm.item_fields!r}); {fix}')
+                         f'(no image, no other field of mllm.item_fields {mllm.item_fields!r}); {fix}')
     return target
 
 # %% ../nbs/03_stage1_knowledge.ipynb #0c1f6c2d
 class KnowledgeData(torch.utils.data.Dataset):
     "(item prompt, knowledge target) pairs for the generation task; the prompt never shows its target; items without one are skipped and counted."
-    def __init__(self, items: pd.DataFrame, processor, config: Stage1Config, report: Report | None = None):
-        if config.target_field == 'auto': config = replace(config, target_field=knowledge_target(items, 'auto', config).field)
+    def __init__(self, items: pd.DataFrame, processor, config: GenerationConfig, mllm: MLLMConfig, report: Report | None = None):
+        if config.target_field == 'auto': config = replace(config, target_field=knowledge_target(items, 'auto', config, mllm).field)
         rows = items.to_dict('records')
-        examples = [knowledge_example(r, config) for r in rows]
+        examples = [knowledge_example(r, config, mllm) for r in rows]
         keep = [i for i, (_, t) in enumerate(examples) if t or config.target_field == 'none']
         if report is not None:
             report.add('knowledge targets: skip items with an empty target', len(rows), len(keep),
                        note=f'target field {config.target_field!r}')
         self.rows, self.targets = [rows[i] for i in keep], [examples[i][1] for i in keep]
-        self.prompts = [item_prompt(examples[i][0], processor, config.mllm, report) for i in keep]
+        self.prompts = [item_prompt(examples[i][0], processor, mllm, report) for i in keep]
         self.processor, self.config = processor, config
 
     def __len__(self) -> int: return len(self.rows)
@@ -205,28 +221,29 @@ def knowledge_loss(model, batch: dict) -> Tensor:
     return generation_loss(model, batch)[0]
 
 
-def train_knowledge(model, processor, items: pd.DataFrame, config: Stage1Config,
-                    report: Report | None = None, log=print) -> TrainResult:
+def train_knowledge(model, processor, items: pd.DataFrame, config: Stage1Config, mllm: MLLMConfig, out_dir='runs/stage1',
+                    report: Report | None = None, log=print, progress: bool = False) -> TrainResult:
     "Train the `knowledge` adapter with the generation task on all but the held-out items (target 'none': train nothing)."
-    target = check_knowledge_target(items, config)  # before any training: one line naming the option to set
+    target = check_knowledge_target(items, config, mllm)  # before any training: one line naming the option to set
     log(f'[stage1] {target.note}')
     config = replace(config, target_field=target.field)
     if target.field == 'none':
         if report is not None: report.add('knowledge targets: none, no generation training', len(items), len(items), note=target.note)
         return TrainResult(model, [], 0, 0, None, None, 'no', 0.0)
     train_items, held_items = holdout_split(items, config.holdout_share, config.seed)
-    train_data = KnowledgeData(train_items, processor, config, report)
+    train_data = KnowledgeData(train_items, processor, config, mllm, report)
     if not len(train_data):
         raise ValueError(f'stage1.holdout_share {config.holdout_share}: every item with a {target.field} target '
                          f'({target.n_items_with_target}) is held out; lower it')
-    val_data = KnowledgeData(held_items, processor, config) if len(held_items) else None
+    val_data = KnowledgeData(held_items, processor, config, mllm) if len(held_items) else None
     with use_adapter(model, 'knowledge'):
         return train(model, train_data, train_data.collate, knowledge_loss, config.train,
-                     val_dataset=val_data if val_data is not None and len(val_data) else None)
+                     val_dataset=val_data if val_data is not None and len(val_data) else None,
+                     out_dir=out_dir, progress=progress)
 
 # %% ../nbs/03_stage1_knowledge.ipynb #5bcc449b
 @torch.inference_mode()
-def describe(model, processor, items, config: Stage1Config, max_new_tokens: int = 40) -> list[str]:
+def describe(model, processor, items, mllm: MLLMConfig, max_new_tokens: int = 40) -> list[str]:
     "Greedy knowledge text the `knowledge` adapter generates for each item (one item at a time)."
     out = []
     was_training = model.training
@@ -234,7 +251,7 @@ def describe(model, processor, items, config: Stage1Config, max_new_tokens: int 
     try:
         with use_adapter(model, 'knowledge', trainable=False):
             for row in (items.to_dict('records') if isinstance(items, pd.DataFrame) else items):
-                batch = encode(processor, [item_prompt(row, processor, config.mllm)])
+                batch = encode(processor, [item_prompt(row, processor, mllm)])
                 batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items() if k != 'labels'}
                 ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=processor.tokenizer.pad_token_id)
@@ -287,11 +304,10 @@ def cached_item_features(model, processor, items: pd.DataFrame, config: MLLMConf
     return feats
 
 
-def knowledge_features(model, processor, items: pd.DataFrame, config: Stage1Config, name: str = 'h_K',
-                       report: Report | None = None, log=print) -> Tensor:
-    "h^K for every item: from the cache when its key matches, else extracted with the `knowledge` adapter and cached."
-    return cached_item_features(model, processor, items, config.mllm, 'knowledge', config.cache_dir, name,
-                                config.extract_batch_size, report, log, tag='stage1')
+def knowledge_features(model, processor, items: pd.DataFrame, mllm: MLLMConfig, cache_dir='runs/cache', name: str = 'h_K',
+                       batch_size: int = 32, report: Report | None = None, log=print) -> Tensor:
+    "h^K for every item: from the cache at `cache_dir/name` when its key matches, else extracted with the `knowledge` adapter and cached."
+    return cached_item_features(model, processor, items, mllm, 'knowledge', cache_dir, name, batch_size, report, log, tag='stage1')
 
 # %% ../nbs/03_stage1_knowledge.ipynb #faf04132
 def category_separation(features: Tensor, categories) -> dict:
@@ -315,13 +331,15 @@ class Stage1Result:
     report: Report
 
 
-def stage1(data: SessionData, config: Stage1Config, log=print) -> Stage1Result:
-    "Run Stage 1 on `data`: load the MLLM, train the knowledge adapter, extract (or reuse) h^K for every item."
+def stage1(data: SessionData, config: Stage1Config, mllm: MLLMConfig, out_dir='runs/stage1', cache_dir='runs/cache',
+           log=print, progress: bool = False) -> Stage1Result:
+    "Run Stage 1 on `data`: load the MLLM, train the knowledge adapter (checkpoints in `out_dir`), extract (or reuse) h^K for every item."
     report = Report()
-    model, processor = load_mllm(config.mllm, texts=corpus_texts(data.items) if config.mllm.model == '' else None)
-    model = add_adapters(model, config.mllm)
-    result = train_knowledge(model, processor, data.items, config, report, log=log)
+    model, processor = load_mllm(mllm, texts=corpus_texts(data.items) if mllm.model == '' else None)
+    model = add_adapters(model, mllm)
+    result = train_knowledge(model, processor, data.items, config, mllm, out_dir, report, log=log, progress=progress)
     if result.step: log(f'[stage1] trained the knowledge adapter: {result.step} steps in {result.seconds:.1f} s, '
                         f'last loss {result.frame().loss.dropna().iloc[-1]:.3f}')
-    features = knowledge_features(model, processor, data.items, config, report=report, log=log)
+    features = knowledge_features(model, processor, data.items, mllm, cache_dir, batch_size=config.extract_batch_size,
+                                  report=report, log=log)
     return Stage1Result(model, processor, features, result, report)

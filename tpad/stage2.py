@@ -21,7 +21,7 @@ from .mi import InfoNCE
 from .mllm import (MLLMConfig, add_adapters, corpus_texts, encode, generation_loss, hidden_size, item_prompt, load_mllm, pool,
                        readout, session_prompt, use_adapter)
 from .preprocess import Prepared, Samples, preprocess, rows_in_index_order
-from .stage1 import cached_item_features, tiny_stage1_config
+from .stage1 import cached_item_features
 from .train import TrainConfig, TrainResult, train
 
 # %% auto #0
@@ -31,10 +31,8 @@ __all__ = ['Stage2Config', 'tiny_stage2_config', 'item_rows', 'TransitionData', 
 # %% ../nbs/05_stage2_transfer.ipynb #7f408dd6
 @dataclass
 class Stage2Config:
-    "Every knob of Stage 2a: the MLLM, the training loop of the transfer adapter, its losses, samples and cache."
-    mllm: MLLMConfig = field(default_factory=MLLMConfig, metadata={'help': 'the base MLLM, its adapters and prompts (max_session_items: items per session prompt)'})
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir='runs/stage2'),
-                               metadata={'help': 'the training loop of the transfer adapter'})
+    "Every knob of Stage 2a: the training loop of the transfer adapter, its losses and samples (the MLLM is passed beside it)."
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={'help': 'the training loop of the transfer adapter'})
     lambda_next: float = field(default=1.0, metadata={'help': 'weight of the InfoNCE term (z_s vs h^T of the next item) next to L_gen^T'})
     temperature: float = field(default=0.1, metadata={'help': 'InfoNCE critic: cosine similarity / temperature'})
     session_readout: str = field(default='last', metadata={'help': "z_s: 'last' prompt token of the session prompt, or 'mean' over its prompt tokens"})
@@ -43,7 +41,6 @@ class Stage2Config:
     max_val_samples: int = field(default=256, metadata={'help': 'validation loss on a seeded subset of this many validation samples (0 = none)'})
     max_target_tokens: int = field(default=32, metadata={'help': "cut the target (the next item's title) to this many tokens"})
     extract_batch_size: int = field(default=32, metadata={'help': 'items per batch when extracting h^T'})
-    cache_dir: str = field(default='runs/cache', metadata={'help': 'folder of the feature cache (safetensors + JSON sidecar)'})
     seed: int = field(default=0, metadata={'help': 'seed of the sample subsets'})
 
     def __post_init__(self):
@@ -51,23 +48,20 @@ class Stage2Config:
         if not self.temperature > 0: bad.append(f'temperature must be > 0, not {self.temperature}')
         if self.lambda_next < 0: bad.append(f'lambda_next must be >= 0, not {self.lambda_next}')
         if self.session_readout not in ('last', 'mean'): bad.append(f"session_readout must be 'last' or 'mean', not {self.session_readout!r}")
+        if self.max_target_tokens < 1: bad.append(f'max_target_tokens must be >= 1, not {self.max_target_tokens}')
+        if self.extract_batch_size < 1: bad.append(f'extract_batch_size must be >= 1, not {self.extract_batch_size}')
         if self.min_prefix_length < 1: bad.append(f'min_prefix_length must be >= 1, not {self.min_prefix_length}')
         for name in ('max_train_samples', 'max_val_samples'):
             if getattr(self, name) < 0: bad.append(f'{name} must be >= 0, not {getattr(self, name)}')
         if bad: raise ValueError('bad Stage 2 config: ' + '; '.join(bad))
 
 # %% ../nbs/05_stage2_transfer.ipynb #de45a284
-def tiny_stage2_config(out_dir='runs/stage2', cache_dir='runs/cache', epochs: int = 2,
-                       max_train_samples: int = 3000) -> Stage2Config:
+def tiny_stage2_config(epochs: int = 2, max_train_samples: int = 3000) -> Stage2Config:
     "Stage 2a settings for the kit's tiny demo MLLM on the toyshop (CPU, about a minute of training)."
-    mllm = tiny_stage1_config().mllm
-    mllm.max_session_items = 5
     return Stage2Config(
-        mllm=mllm,
         train=TrainConfig(lr=1e-3, weight_decay=0.01, epochs=epochs, batch_size=32, warmup_ratio=0.05, log_every=5,
-                          eval_every=50, save_every=100, out_dir=str(out_dir), overwrite=True, progress=False),
-        lambda_next=1.0, temperature=0.1, max_train_samples=max_train_samples, max_val_samples=128,
-        max_target_tokens=32, cache_dir=str(cache_dir))
+                          eval_every=50, save_every=100, overwrite=True),
+        lambda_next=1.0, temperature=0.1, max_train_samples=max_train_samples, max_val_samples=128, max_target_tokens=32)
 
 # %% ../nbs/05_stage2_transfer.ipynb #c52b5120
 def item_rows(items: pd.DataFrame, item_ids) -> list:
@@ -90,22 +84,22 @@ def _subset(samples: Samples, n: int, min_length: int, seed: int) -> Samples:
 class TransitionData(torch.utils.data.Dataset):
     "(session prompt, next item's title, next item's prompt, next item's index) for each prefix sample."
     def __init__(self, samples: Samples, prepared: Prepared, items: pd.DataFrame, processor, config: Stage2Config,
-                 report: Report | None = None, max_samples: int | None = None):
+                 mllm: MLLMConfig, report: Report | None = None, max_samples: int | None = None):
         n = config.max_train_samples if max_samples is None else max_samples
         self.samples = _subset(samples, n, config.min_prefix_length, config.seed)
         if report is not None:
             report.add(f'transition samples: prefix >= {config.min_prefix_length} items, at most {n or "all"}',
                        len(samples), len(self.samples), note=f'seed {config.seed} [samples]')
         self.rows = dict(zip(range(1, prepared.n_items + 1), item_rows(items, prepared.item_ids[1:])))
-        self.processor, self.config, self.report = processor, config, report
+        self.processor, self.config, self.mllm, self.report = processor, config, mllm, report
 
     def __len__(self) -> int: return len(self.samples)
 
     def __getitem__(self, i: int):
         prefix, target = self.samples[i]
         row = self.rows[target]
-        return (session_prompt([self.rows[int(v)] for v in prefix], self.processor, self.config.mllm, self.report),
-                str(row.get('title', '')), item_prompt(row, self.processor, self.config.mllm), target)
+        return (session_prompt([self.rows[int(v)] for v in prefix], self.processor, self.mllm, self.report),
+                str(row.get('title', '')), item_prompt(row, self.processor, self.mllm), target)
 
     def collate(self, batch) -> dict:
         "`session`: session prompts + title labels; `item`: the next items' prompts; `target`: their indices."
@@ -127,8 +121,8 @@ def _info_nce(z: Tensor, h: Tensor, temperature: float = 0.1, ids: Tensor | None
 
 class TransferLoss:
     "L^T = L_gen^T + lambda_next * InfoNCE(z_s, h^T_next) of a `TransitionData` batch; every term is checked finite."
-    def __init__(self, config: Stage2Config):
-        self.config, self.info_nce = config, _info_nce
+    def __init__(self, config: Stage2Config, mllm: MLLMConfig):
+        self.config, self.readout, self.info_nce = config, mllm.readout, _info_nce
 
     def __call__(self, model, batch: dict) -> dict:
         s = batch['session']
@@ -136,7 +130,7 @@ class TransferLoss:
         terms = dict(gen=gen)
         if self.config.lambda_next:  # lambda_next = 0: L_gen^T alone, the next items' forward pass is skipped
             z = pool(hidden, s, self.config.session_readout)
-            h = readout(model, batch['item'], self.config.mllm.readout)
+            h = readout(model, batch['item'], self.readout)
             terms['nce'] = self.info_nce(z, h, self.config.temperature, batch['target'].to(z.device))
         for name, v in terms.items():
             if not torch.isfinite(v.detach()).all():
@@ -146,28 +140,28 @@ class TransferLoss:
         return dict(loss=loss, **{k: v.detach() for k, v in terms.items()})
 
 # %% ../nbs/05_stage2_transfer.ipynb #903055e3
-def train_transfer(model, processor, prepared: Prepared, items: pd.DataFrame, config: Stage2Config,
-                   report: Report | None = None) -> TrainResult:
-    "Train the `transfer` adapter on the (prefix, next item) samples of `prepared`'s train split."
-    train_data = TransitionData(prepared.samples['train'], prepared, items, processor, config, report)
+def train_transfer(model, processor, prepared: Prepared, items: pd.DataFrame, config: Stage2Config, mllm: MLLMConfig,
+                   out_dir='runs/stage2', report: Report | None = None, progress: bool = False) -> TrainResult:
+    "Train the `transfer` adapter on the (prefix, next item) samples of `prepared`'s train split (checkpoints in `out_dir`)."
+    train_data = TransitionData(prepared.samples['train'], prepared, items, processor, config, mllm, report)
     if not len(train_data): raise ValueError(f'no training samples with a prefix of >= {config.min_prefix_length} items')
     val = prepared.samples.get('valid')
-    val_data = (TransitionData(val, prepared, items, processor, config, max_samples=config.max_val_samples)
+    val_data = (TransitionData(val, prepared, items, processor, config, mllm, max_samples=config.max_val_samples)
                 if config.max_val_samples and val is not None and len(val) else None)
     with use_adapter(model, 'transfer'):
-        return train(model, train_data, train_data.collate, TransferLoss(config), config.train, val_dataset=val_data)
+        return train(model, train_data, train_data.collate, TransferLoss(config, mllm), config.train, val_dataset=val_data,
+                     out_dir=out_dir, progress=progress)
 
 # %% ../nbs/05_stage2_transfer.ipynb #0f08398c
-def transfer_features(model, processor, items: pd.DataFrame, config: Stage2Config, name: str = 'h_T',
-                      report: Report | None = None, log=print) -> Tensor:
-    "h^T for every item (item-table order): from the cache when its key matches, else extracted with `transfer` and cached."
-    return cached_item_features(model, processor, items, config.mllm, 'transfer', config.cache_dir, name,
-                                config.extract_batch_size, report, log, tag='stage2')
+def transfer_features(model, processor, items: pd.DataFrame, mllm: MLLMConfig, cache_dir='runs/cache', name: str = 'h_T',
+                      batch_size: int = 32, report: Report | None = None, log=print) -> Tensor:
+    "h^T for every item (item-table order): from the cache at `cache_dir/name` when its key matches, else extracted with `transfer` and cached."
+    return cached_item_features(model, processor, items, mllm, 'transfer', cache_dir, name, batch_size, report, log, tag='stage2')
 
 # %% ../nbs/05_stage2_transfer.ipynb #809e78c4
 @torch.inference_mode()
 def session_features(model, processor, samples: Samples, prepared: Prepared, items: pd.DataFrame,
-                     config: Stage2Config, batch_size: int = 64) -> Tensor:
+                     config: Stage2Config, mllm: MLLMConfig, batch_size: int = 64) -> Tensor:
     "[n_samples, d] z_s of every sample's session prompt (readout at its last token) through the `transfer` adapter."
     rows = dict(zip(range(1, prepared.n_items + 1), item_rows(items, prepared.item_ids[1:])))
     out, was_training = [], model.training
@@ -175,7 +169,7 @@ def session_features(model, processor, samples: Samples, prepared: Prepared, ite
     try:
         with use_adapter(model, 'transfer', trainable=False):
             for s in range(0, len(samples), batch_size):
-                prompts = [session_prompt([rows[int(v)] for v in samples[i][0]], processor, config.mllm)
+                prompts = [session_prompt([rows[int(v)] for v in samples[i][0]], processor, mllm)
                            for i in range(s, min(s + batch_size, len(samples)))]
                 out.append(readout(model, encode(processor, prompts), config.session_readout).float().cpu())
     finally: model.train(was_training)
@@ -217,17 +211,18 @@ class Stage2Result:
     report: Report
 
 
-def stage2(data: SessionData, config: Stage2Config, model=None, processor=None, prepared: Prepared | None = None,
-           log=print) -> Stage2Result:
-    "Run Stage 2a on `data`: train the transfer adapter on session samples, extract (or reuse) h^T for every item."
+def stage2(data: SessionData, config: Stage2Config, mllm: MLLMConfig, out_dir='runs/stage2', cache_dir='runs/cache',
+           model=None, processor=None, prepared: Prepared | None = None, log=print, progress: bool = False) -> Stage2Result:
+    "Run Stage 2a on `data`: train the transfer adapter on session samples (checkpoints in `out_dir`), extract (or reuse) h^T for every item."
     report = Report()
     if model is None:
-        model, processor = load_mllm(config.mllm, texts=corpus_texts(data.items) if config.mllm.model == '' else None)
-        model = add_adapters(model, config.mllm)
+        model, processor = load_mllm(mllm, texts=corpus_texts(data.items) if mllm.model == '' else None)
+        model = add_adapters(model, mllm)
     elif processor is None: raise ValueError('stage2: pass the processor together with the model')
     prepared = prepared if prepared is not None else preprocess(data)
-    result = train_transfer(model, processor, prepared, data.items, config, report)
+    result = train_transfer(model, processor, prepared, data.items, config, mllm, out_dir, report, progress)
     log(f'[stage2] trained the transfer adapter: {result.step} steps in {result.seconds:.1f} s, '
         f'last loss {result.frame().loss.dropna().iloc[-1]:.3f}')
-    features = transfer_features(model, processor, data.items, config, report=report, log=log)
+    features = transfer_features(model, processor, data.items, mllm, cache_dir, batch_size=config.extract_batch_size,
+                                 report=report, log=log)
     return Stage2Result(model, processor, features, result, prepared, report)
