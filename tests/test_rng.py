@@ -89,3 +89,15 @@ def test_train_leaves_the_global_rng_alone():
     np_after = np.random.get_state()
     assert np_after[0] == np_before[0] and np.array_equal(np_after[1], np_before[1]) and np_after[2:] == np_before[2:]
     assert result.step == 3
+
+
+def test_the_run_plan_probe_leaves_the_rng_alone():
+    from tpad.data import load
+    from tpad.experiment import make_config, plan_rows
+    from tpad.preprocess import preprocess
+    from tpad.toyshop import toyshop_path
+    config = make_config('toyshop-smoke')
+    prepared = preprocess(load('csv', toyshop_path()), config.preprocess)
+    unchanged, plan = leaves_rng_alone(lambda: plan_rows(config, prepared, ['srgnn', 'msbr_knowledge'], n_seeds=1))
+    assert unchanged
+    assert list(plan.row) == ['srgnn', 'msbr_knowledge'] and (plan.seconds_per_seed > 0).all()

@@ -710,12 +710,13 @@ def plan_rows(config: RunConfig, prepared: Prepared, keys, n_seeds: int, feature
     n_train = min(len(prepared.samples['train']), config.fit.max_train_samples or len(prepared.samples['train']))
     n_valid, n_test = len(prepared.samples['valid']), len(prepared.samples['test']) + len(prepared.cold.get('test', ()))
     steps = -(-n_train // config.fit.batch_size)
-    fake = torch.randn(prepared.n_items, feature_dim)  # the features come later: a stand-in of their usual width
-    out, probes = [], {}
+    kinds, probes, out = {key: 'features' if MODELS[key][1] is not None else key for key in keys}, {}, []
+    with isolated_rng(0):  # the probes draw stand-in features and dropout from their own stream, not the caller's
+        fake = torch.randn(prepared.n_items, feature_dim)  # the features come later: a stand-in of their usual width
+        for key, kind in kinds.items():
+            if kind not in probes: probes[kind] = _probe_row(key, prepared, config, fake if kind == 'features' else None)
     for key in keys:
-        kind = 'features' if MODELS[key][1] is not None else key
-        if kind not in probes: probes[kind] = _probe_row(key, prepared, config, fake if kind == 'features' else None)
-        p = probes[kind]
+        p = probes[kinds[key]]
         if 'step' in p:
             epoch = steps * p['step'] + n_valid * p['per_sample']
             work, seconds = f"{config.fit.epochs} epoch(s) x {steps} steps", config.fit.epochs * epoch + n_test * p['per_sample']
