@@ -119,6 +119,11 @@ class ItemKNNConfig:
     lmbd: float = field(default=20.0, metadata={"help": "regularisation added to each item's session count: damps the similarity of rare items"})
     alpha: float = field(default=0.5, metadata={"help": "0.5: cosine; 1.0: P(j | i), the confidence of the rule i -> j"})
 
+    def __post_init__(self):
+        _check_config(self, [(self.n_sims < 0, f"n_sims must be >= 0, not {self.n_sims}"),
+                             (self.lmbd < 0, f"lmbd must be >= 0, not {self.lmbd}"),
+                             (not 0 <= self.alpha <= 1, f"alpha must be in [0, 1], not {self.alpha}")])
+
 
 def _check_config(c, checks: list):
     "Raise a ValueError listing the message of every (bad, message) pair whose `bad` is true; return `c`."
@@ -130,10 +135,7 @@ def _check_config(c, checks: list):
 class ItemKNN:
     "Item-kNN: score items by their session co-occurrence similarity to the last clicked item."
     def __init__(self, config: ItemKNNConfig | None = None, **overrides):
-        c = dataclasses.replace(config or ItemKNNConfig(), **overrides)
-        self.config = _check_config(c, [(c.n_sims < 0, f"n_sims must be >= 0, not {c.n_sims}"),
-                                        (c.lmbd < 0, f"lmbd must be >= 0, not {c.lmbd}"),
-                                        (not 0 <= c.alpha <= 1, f"alpha must be in [0, 1], not {c.alpha}")])
+        self.config = dataclasses.replace(config or ItemKNNConfig(), **overrides)  # checked by the config
 
     def fit(self, prepared: Prepared) -> 'ItemKNN':
         "Item-item similarities from the co-occurrences in the training sessions, as a sparse matrix (CSR)."
@@ -206,6 +208,14 @@ class SKNNConfig:
     score_weighting: str = field(default='div', metadata={"help": f"decay of a neighbour's vote by the age of the most recent shared item: {sorted(SKNN_SCORE_WEIGHTS)} ('same' = none)"})
     chunk: int = field(default=256, metadata={"help": "prefixes scored at a time inside a batch (memory only; scores do not depend on it)"})
 
+    def __post_init__(self):
+        _check_config(self, [(self.k < 1, f"k must be >= 1, not {self.k}"),
+                             (self.sample_size < 0, f"sample_size must be >= 0, not {self.sample_size}"),
+                             (self.chunk < 1, f"chunk must be >= 1, not {self.chunk}"),
+                             (self.weighting not in SKNN_WEIGHTS, f"weighting must be one of {sorted(SKNN_WEIGHTS)}, not {self.weighting!r}"),
+                             (self.score_weighting not in SKNN_SCORE_WEIGHTS,
+                              f"score_weighting must be one of {sorted(SKNN_SCORE_WEIGHTS)}, not {self.score_weighting!r}")])
+
 # %% ../nbs/08_baselines.ipynb #2bd64df2
 def _prefix_items(items: np.ndarray, pos: np.ndarray, lengths: np.ndarray, n1: int, weighting: str) -> tuple:
     "The distinct items of each prefix: their row, item index, last position (1-based) and `SKNN_WEIGHTS[weighting]` weight."
@@ -237,12 +247,7 @@ def _candidate_pairs(item_ptr, item_sessions, n_sessions: int, sample_size: int,
 class SKNN:
     "V-SKNN: recency-sampled neighbour sessions, position-weighted similarity, top-k neighbours vote for their items."
     def __init__(self, config: SKNNConfig | None = None, **overrides):
-        c = dataclasses.replace(config or SKNNConfig(), **overrides)
-        self.config = _check_config(c, [(c.k < 1, f"k must be >= 1, not {c.k}"),
-                                        (c.sample_size < 0, f"sample_size must be >= 0, not {c.sample_size}"),
-                                        (c.chunk < 1, f"chunk must be >= 1, not {c.chunk}"),
-                                        (c.weighting not in SKNN_WEIGHTS, f"weighting must be one of {sorted(SKNN_WEIGHTS)}, not {c.weighting!r}"),
-                                        (c.score_weighting not in SKNN_SCORE_WEIGHTS, f"score_weighting must be one of {sorted(SKNN_SCORE_WEIGHTS)}, not {c.score_weighting!r}")])
+        self.config = dataclasses.replace(config or SKNNConfig(), **overrides)  # checked by the config
 
     def fit(self, prepared: Prepared) -> 'SKNN':
         "Index the training sessions: items of each session and sessions of each item (both CSR), sessions by recency."
@@ -443,6 +448,8 @@ class PlainFeatureConfig:
     text_batch_size: int = field(default=64, metadata={"help": "texts per forward pass"})
     text_precision: str = field(default='float32', metadata={"help": "MiniLM's arithmetic: 'float32', or 'bfloat16' (autocast; faster on CPUs with AMX or AVX512-BF16, see bench/bench_toys.py rows plain and plain_bf16; the features are stored as float32)"})
     device: str = field(default='auto', metadata={"help": "where the encoders run: 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."})
+
+    def __post_init__(self): check_plain_config(self)  # a bad value fails where the config is made
 
 
 def _device(name: str) -> torch.device:

@@ -45,7 +45,26 @@ class PreprocessConfig:
     cold_threshold: int = field(default=5, metadata={"help": "cold-start report: a target with fewer training clicks than this is rare"})
     on_unknown: str = field(default='error', metadata={"help": "clicks on items missing from the item table: 'error', or 'drop' and count them"})
 
+    def __post_init__(self): _check_preprocess(self)  # a bad value fails where the config is made
 
+
+def _check_preprocess(c: PreprocessConfig):
+    "Raise a ValueError listing every bad field of `c`."
+    problems = []
+    if c.split not in SPLITS: problems.append(f"split must be one of {SPLITS}, not {c.split!r}")
+    if c.min_session_length < 1: problems.append(f"min_session_length must be >= 1, not {c.min_session_length}")
+    if c.min_item_support < 1: problems.append(f"min_item_support must be >= 1, not {c.min_item_support}")
+    if not c.test_days > 0: problems.append(f"test_days must be > 0, not {c.test_days}")
+    if c.validation and not c.valid_days > 0: problems.append(f"valid_days must be > 0 (or validation=False), not {c.valid_days}")
+    if not 0 < c.valid_share < 1: problems.append(f"valid_share must be in (0, 1), not {c.valid_share}")
+    if c.split_on not in ('start', 'end'): problems.append(f"split_on must be 'start' or 'end', not {c.split_on!r}")
+    if c.max_session_length is not None and c.max_session_length < 1:
+        problems.append(f"max_session_length must be None or >= 1, not {c.max_session_length}")
+    if c.cold_threshold < 1: problems.append(f"cold_threshold must be >= 1, not {c.cold_threshold}")
+    if c.on_unknown not in ('error', 'drop'): problems.append(f"on_unknown must be 'error' or 'drop', not {c.on_unknown!r}")
+    if problems: raise ValueError('bad preprocessing config: ' + '; '.join(problems))
+
+# %% ../nbs/00b_preprocess.ipynb #14a89718
 PREPROCESS_PRESETS = {
     'diginetica': PreprocessConfig(test_days=7.0, valid_days=7.0),  # SR-GNN: the last 7 days are test
     'yoochoose': PreprocessConfig(test_days=1.0, valid_days=1.0),   # GRU4Rec / SR-GNN: the last day is test
@@ -65,19 +84,6 @@ def preprocess_config(config: PreprocessConfig | str | None = None, **overrides)
     unknown = [k for k in overrides if k not in known]
     if unknown: raise TypeError(f"unknown preprocessing option(s) {unknown}; known: {known}")
     c = dataclasses.replace(config, **overrides)
-    problems = []
-    if c.split not in SPLITS: problems.append(f"split must be one of {SPLITS}, not {c.split!r}")
-    if c.min_session_length < 1: problems.append(f"min_session_length must be >= 1, not {c.min_session_length}")
-    if c.min_item_support < 1: problems.append(f"min_item_support must be >= 1, not {c.min_item_support}")
-    if not c.test_days > 0: problems.append(f"test_days must be > 0, not {c.test_days}")
-    if c.validation and not c.valid_days > 0: problems.append(f"valid_days must be > 0 (or validation=False), not {c.valid_days}")
-    if not 0 < c.valid_share < 1: problems.append(f"valid_share must be in (0, 1), not {c.valid_share}")
-    if c.split_on not in ('start', 'end'): problems.append(f"split_on must be 'start' or 'end', not {c.split_on!r}")
-    if c.max_session_length is not None and c.max_session_length < 1:
-        problems.append(f"max_session_length must be None or >= 1, not {c.max_session_length}")
-    if c.cold_threshold < 1: problems.append(f"cold_threshold must be >= 1, not {c.cold_threshold}")
-    if c.on_unknown not in ('error', 'drop'): problems.append(f"on_unknown must be 'error' or 'drop', not {c.on_unknown!r}")
-    if problems: raise ValueError('bad preprocessing config: ' + '; '.join(problems))
     if c.split == 'leave_one_out' and c.min_session_length < 3:  # a user needs a training, a validation and a test item
         c = dataclasses.replace(c, min_session_length=3)
     return c
