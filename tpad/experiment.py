@@ -306,6 +306,11 @@ def has_content(data: SessionData) -> bool:
     return bool(text or ('image' in items and items['image'].notna().any()))
 
 # %% ../nbs/09_experiment.ipynb #60ace1a8
+def _overwriting(cfg):
+    "Stage config `cfg` whose training may replace what its folder holds: a run retrains a stage whose outputs are not sealed."
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite=True))
+
+
 def _weights(model, mllm: MLLMConfig) -> dict:
     "The trained weights a later stage starts from: every weight of a fully fine-tuned model, else the LoRA adapters."
     return {k: v for k, v in model.state_dict().items() if mllm.full_finetune or 'lora_' in k}
@@ -397,7 +402,7 @@ def run_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted,
     if not wanted: return feats, info
     # a fresh model per seed: no seed starts from another's training
     student = _Student(config.mllm, data.items, out, '' if seed == 0 else f'-seed{seed}', config.progress)
-    s1, s2 = (dataclasses.replace(c, train=dataclasses.replace(c.train, overwrite=True)) for c in (config.stage1, config.stage2))
+    s1, s2 = _overwriting(config.stage1), _overwriting(config.stage2)
     data_key = dict(dataset=config.dataset, path=config.path, stats=data.stats().iloc[0].to_dict())
     keys = {'stage1': digest(dict(data=data_key, mllm=config.mllm, stage1=s1))}
     keys['stage2'] = digest(dict(after=keys['stage1'], preprocess=config.preprocess, stage2=s2))
@@ -410,8 +415,7 @@ def run_stages(config: RunConfig, data: SessionData, prepared: Prepared, wanted,
     # the student starts from the Stage 1 weights (tiny model: one set of weights) or, with LoRA, after Stage 2a
     start = stage1_out if config.mllm.full_finetune else stage2_out
     for variant in [v for v in ABLATIONS if v in wanted]:
-        cfg = ablation(config.align, variant)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite=True))
+        cfg = _overwriting(ablation(config.align, variant))
         key = digest(dict(after=keys['stage2'], align=cfg, outputs=2))  # outputs 2: z_sh, t and the init heads too
         align = partial(_align_variant, student, start, data.items, feats['h_K'], feats['h_T'], cfg, s1, variant, log)
         feats[variant] = cached(feature_stage(variant), key, align)['features']
@@ -448,12 +452,11 @@ def fit_and_score(key: str, prepared: Prepared, config: RunConfig, features: tor
     model = _recommender(key, prepared, config, features, seed)
     epochs, stopped = None, None
     if isinstance(model, torch.nn.Module):
-        fc = config.fit
-        result = fit(model, prepared, fc, seed=seed, out_dir=str(model_folder(out, key, seed)) if out else '',
+        result = fit(model, prepared, config.fit, seed=seed, out_dir=str(model_folder(out, key, seed)) if out else '',
                      progress=config.progress)
         epochs, stopped = result.best_epoch, result.stopped
         # the best epoch is the last one allowed: validation was still rising when the cap stopped it
-        if stopped == 'epochs' and epochs == fc.epochs: stopped = STILL_IMPROVING
+        if stopped == 'epochs' and epochs == config.fit.epochs: stopped = STILL_IMPROVING
     else: model.fit(prepared)
     fit_seconds = time.perf_counter() - t0
     scores = evaluate_model(model, prepared, 'test', ranks=ranks is not None)
